@@ -1,0 +1,135 @@
+"""Denoiser: wraps the JiT network with the x-prediction / v-loss objective, the ODE sampler and two EMA tracks.
+
+Formulas, defaults and the order of random draws follow ../shared/SPEC.md, section 3. t = 0 is pure noise and
+t = 1 the clean image; z_t = t x + (1 - t) e.
+"""
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+from model_jit import JiT_models
+
+
+class Denoiser(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.net = JiT_models[args.model](
+            input_size=args.img_size, in_channels=3, num_classes=args.class_num,
+            attn_drop=args.attn_dropout, proj_drop=args.proj_dropout,
+            attn_impl=getattr(args, "attn_impl", "sdpa"))
+        self.img_size = args.img_size
+        self.num_classes = args.class_num
+        self.label_drop_prob = args.label_drop_prob
+        self.P_mean = args.P_mean
+        self.P_std = args.P_std
+        self.t_eps = args.t_eps
+        self.noise_scale = args.noise_scale
+
+        self.sampling_method = args.sampling_method
+        self.num_sampling_steps = args.num_sampling_steps
+        self.cfg_scale = args.cfg
+        self.cfg_interval = (args.interval_min, args.interval_max)
+
+        # EMA tracks are plain tensor lists aligned with self.parameters(): outside the state_dict (which holds
+        # exactly the official keys) and outside DDP's buffer broadcast; _apply moves them with the model
+        self.ema_decays = (args.ema_decay1, args.ema_decay2)
+        self.ema_params = [[p.detach().clone() for p in self.parameters()] for _ in self.ema_decays]
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.ema_params = [[fn(t) for t in track] for track in self.ema_params]
+        return self
+
+    # ------------------------------------------------------------------ training
+    def drop_labels(self, labels):
+        drop = torch.rand(labels.shape[0], device=labels.device) < self.label_drop_prob
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def sample_t(self, n, device=None):
+        return torch.sigmoid(torch.randn(n, device=device) * self.P_std + self.P_mean)
+
+    def forward(self, x, labels, t=None, noise=None):
+        """Training loss. t (B,) and noise (like x) may be given to make a step reproducible across layouts."""
+        labels = self.drop_labels(labels) if self.training else labels
+        if t is None:
+            t = self.sample_t(x.shape[0], device=x.device)
+        t = t.view(-1, *([1] * (x.ndim - 1)))
+        e = noise if noise is not None else torch.randn_like(x) * self.noise_scale
+        z = t * x + (1 - t) * e
+        v = (x - z) / (1 - t).clamp_min(self.t_eps)
+        x_pred = self.net(z, t.flatten(), labels)
+        v_pred = (x_pred - z) / (1 - t).clamp_min(self.t_eps)
+        return ((v - v_pred) ** 2).mean(dim=(1, 2, 3)).mean()
+
+    # ------------------------------------------------------------------ sampling
+    def cfg_weight(self, t):
+        """Guidance weight at time t (a float): cfg inside the interval, 1 outside."""
+        low, high = self.cfg_interval
+        return self.cfg_scale if (t < high and (low == 0 or t > low)) else 1.0
+
+    def velocity(self, z, t, t_value, labels):
+        """Guided velocity at time t ((B, 1, 1, 1) tensor whose entries all equal the float t_value)."""
+        w = self.cfg_weight(t_value)
+        denom = (1.0 - t).clamp_min(self.t_eps)
+        if w == 1.0:  # v_u + 1 * (v_c - v_u) = v_c: the null-label pass would not change the result
+            return (self.net(z, t.flatten(), labels) - z) / denom
+        null = torch.full_like(labels, self.num_classes)
+        x_cond, x_uncond = self.net(torch.cat([z, z]), t.flatten().repeat(2), torch.cat([labels, null])).chunk(2)
+        v_cond, v_uncond = (x_cond - z) / denom, (x_uncond - z) / denom
+        return v_uncond + w * (v_cond - v_uncond)
+
+    @torch.no_grad()
+    def generate(self, labels):
+        bsz = labels.shape[0]
+        z = self.noise_scale * torch.randn(bsz, 3, self.img_size, self.img_size, device=labels.device)
+        grid = torch.linspace(0.0, 1.0, self.num_sampling_steps + 1, device=labels.device)
+        grid_values = grid.tolist()  # one host read per batch, for the CFG-interval decisions
+        times = grid.view(-1, 1, 1, 1, 1).expand(-1, bsz, 1, 1, 1)
+        if self.sampling_method not in ("euler", "heun"):
+            raise ValueError(f"--sampling_method must be euler or heun, got {self.sampling_method!r}")
+        for i in range(self.num_sampling_steps - 1):
+            args = (z, times[i], times[i + 1], grid_values[i], grid_values[i + 1], labels)
+            z = self.heun_step(*args) if self.sampling_method == "heun" else self.euler_step(*args)
+        # the last step is always Euler, so the network is never queried at t = 1
+        return self.euler_step(z, times[-2], times[-1], grid_values[-2], grid_values[-1], labels)
+
+    def euler_step(self, z, t, t_next, t_value, t_next_value, labels):
+        return z + (t_next - t) * self.velocity(z, t, t_value, labels)
+
+    def heun_step(self, z, t, t_next, t_value, t_next_value, labels):
+        v_t = self.velocity(z, t, t_value, labels)
+        z_euler = z + (t_next - t) * v_t
+        v_t_next = self.velocity(z_euler, t_next, t_next_value, labels)
+        return z + (t_next - t) * (0.5 * (v_t + v_t_next))
+
+    # ------------------------------------------------------------------ EMA
+    @torch.no_grad()
+    def update_ema(self):
+        params = [p.detach() for p in self.parameters()]
+        for track, decay in zip(self.ema_params, self.ema_decays):
+            torch._foreach_mul_(track, decay)
+            torch._foreach_add_(track, params, alpha=1 - decay)
+
+    def ema_state_dict(self, track):
+        """Full state dict (official keys) holding EMA track 1 or 2, as in a checkpoint's model_ema1/model_ema2."""
+        state = self.state_dict()
+        names = [name for name, _ in self.named_parameters()]
+        state.update({name: t.detach().clone() for name, t in zip(names, self.ema_params[track - 1])})
+        return state
+
+    @torch.no_grad()
+    def load_ema_state_dict(self, track, state_dict):
+        for t, (name, _) in zip(self.ema_params[track - 1], self.named_parameters()):
+            t.copy_(state_dict[name])
+
+    @contextmanager
+    def ema_weights(self, track=1):
+        """Temporarily swap EMA track 1 or 2 into the network (for sampling); the live weights come back after."""
+        params = [p.data for p in self.parameters()]
+        live = [p.clone() for p in params]
+        torch._foreach_copy_(params, self.ema_params[track - 1])
+        try:
+            yield self
+        finally:
+            torch._foreach_copy_(params, live)
