@@ -8,18 +8,28 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from model_jit import JiT_models
+from model_jit import JiT_models, LLMTextEncoder
+
+
+def is_text_model(args):
+    return args.model.endswith("-Text") or getattr(args, "use_text_conditioning", False)
 
 
 class Denoiser(nn.Module):
     def __init__(self, args):
         super().__init__()
-        self.net = JiT_models[args.model](
-            input_size=args.img_size, in_channels=3, num_classes=args.class_num,
-            attn_drop=args.attn_dropout, proj_drop=args.proj_dropout,
-            attn_impl=getattr(args, "attn_impl", "sdpa"))
+        build = JiT_models[args.model]
+        text_encoder = None
+        if is_text_model(args):
+            text_encoder = LLMTextEncoder(args.llm_model_name, build.keywords["hidden_size"],
+                                          max_text_len=args.max_text_len, freeze=args.freeze_llm)
+        self.net = build(input_size=args.img_size, in_channels=3, num_classes=args.class_num,
+                         attn_drop=args.attn_dropout, proj_drop=args.proj_dropout,
+                         attn_impl=getattr(args, "attn_impl", "sdpa"), text_encoder=text_encoder)
         self.img_size = args.img_size
         self.num_classes = args.class_num
+        # the label of the unconditional branch: the extra class row, or caption index -1 for text models
+        self.null_label = -1 if text_encoder is not None else args.class_num
         self.label_drop_prob = args.label_drop_prob
         self.P_mean = args.P_mean
         self.P_std = args.P_std
@@ -44,7 +54,7 @@ class Denoiser(nn.Module):
     # ------------------------------------------------------------------ training
     def drop_labels(self, labels):
         drop = torch.rand(labels.shape[0], device=labels.device) < self.label_drop_prob
-        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        return torch.where(drop, torch.full_like(labels, self.null_label), labels)
 
     def sample_t(self, n, device=None):
         return torch.sigmoid(torch.randn(n, device=device) * self.P_std + self.P_mean)
@@ -69,12 +79,12 @@ class Denoiser(nn.Module):
         return self.cfg_scale if (t < high and (low == 0 or t > low)) else 1.0
 
     def velocity(self, z, t, t_value, labels):
-        """Guided velocity at time t ((B, 1, 1, 1) tensor whose entries all equal the float t_value)."""
+        """Guided velocity at time t ((B, 1, 1, 1) tensor holding the float t_value up to float32 rounding)."""
         w = self.cfg_weight(t_value)
         denom = (1.0 - t).clamp_min(self.t_eps)
         if w == 1.0:  # v_u + 1 * (v_c - v_u) = v_c: the null-label pass would not change the result
             return (self.net(z, t.flatten(), labels) - z) / denom
-        null = torch.full_like(labels, self.num_classes)
+        null = torch.full_like(labels, self.null_label)
         x_cond, x_uncond = self.net(torch.cat([z, z]), t.flatten().repeat(2), torch.cat([labels, null])).chunk(2)
         v_cond, v_uncond = (x_cond - z) / denom, (x_uncond - z) / denom
         return v_uncond + w * (v_cond - v_uncond)
@@ -84,7 +94,9 @@ class Denoiser(nn.Module):
         bsz = labels.shape[0]
         z = self.noise_scale * torch.randn(bsz, 3, self.img_size, self.img_size, device=labels.device)
         grid = torch.linspace(0.0, 1.0, self.num_sampling_steps + 1, device=labels.device)
-        grid_values = grid.tolist()  # one host read per batch, for the CFG-interval decisions
+        # exact grid times i/steps for the CFG-interval decisions: float32 rounding of the grid (0.1 -> 0.10000000149)
+        # would otherwise put a grid point that equals an interval bound inside the interval
+        grid_values = [i / self.num_sampling_steps for i in range(self.num_sampling_steps + 1)]
         times = grid.view(-1, 1, 1, 1, 1).expand(-1, bsz, 1, 1, 1)
         if self.sampling_method not in ("euler", "heun"):
             raise ValueError(f"--sampling_method must be euler or heun, got {self.sampling_method!r}")

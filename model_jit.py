@@ -3,6 +3,7 @@
 The network predicts the clean image from a noisy one. Module and parameter names follow the published
 release exactly, so official checkpoints load without remapping (see ../shared/SPEC.md, section 2).
 """
+import functools
 import math
 
 import torch
@@ -94,9 +95,10 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        # registration order = official state_dict / parameter order (q_norm, k_norm before qkv)
         self.q_norm = RMSNorm(self.head_dim)
         self.k_norm = RMSNorm(self.head_dim)
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -180,7 +182,7 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size):
 class JiT(nn.Module):
     def __init__(self, input_size=256, patch_size=16, in_channels=3, hidden_size=1024, depth=24, num_heads=16,
                  mlp_ratio=4.0, attn_drop=0.0, proj_drop=0.0, num_classes=1000, bottleneck_dim=128,
-                 in_context_len=32, in_context_start=8, attn_impl="sdpa"):
+                 in_context_len=32, in_context_start=8, attn_impl="sdpa", text_encoder=None):
         super().__init__()
         if input_size % patch_size != 0:
             raise ValueError(f"img_size {input_size} is not a multiple of the patch size {patch_size}")
@@ -196,7 +198,9 @@ class JiT(nn.Module):
         self.grid_size = input_size // patch_size
 
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        # the condition: a class embedding, or for -Text models a caption embedding from a frozen LLM
+        self.y_embedder = (LabelEmbedder(num_classes, hidden_size) if text_encoder is None
+                           else TextEmbedder(text_encoder, hidden_size))
         self.x_embedder = BottleneckPatchEmbed(patch_size, in_channels, bottleneck_dim, hidden_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size ** 2, hidden_size), requires_grad=False)
         if in_context_len > 0:
@@ -207,7 +211,7 @@ class JiT(nn.Module):
         self.register_buffer("rope_cos", rope_cos, persistent=False)
         self.register_buffer("rope_sin", rope_sin, persistent=False)
 
-        dropout_blocks = range(depth // 4, depth // 4 * 3)  # dropout only in the middle half of the network
+        dropout_blocks = range(depth // 4, 3 * depth // 4)  # dropout only in the middle half of the network
         self.blocks = nn.ModuleList([
             JiTBlock(hidden_size, num_heads, mlp_ratio,
                      attn_drop=attn_drop if i in dropout_blocks else 0.0,
@@ -217,8 +221,9 @@ class JiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
+        # the condition embedder initialises itself: a pretrained LLM inside it must never be re-initialised
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear) and not name.startswith("y_embedder."):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
@@ -226,7 +231,8 @@ class JiT(nn.Module):
         for conv in (self.x_embedder.proj1, self.x_embedder.proj2):
             nn.init.xavier_uniform_(conv.weight.data.view(conv.weight.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj2.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if isinstance(self.y_embedder, LabelEmbedder):
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         if self.in_context_len > 0:
             nn.init.normal_(self.in_context_posemb, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
@@ -268,26 +274,217 @@ class JiT(nn.Module):
         return self.unpatchify(x)
 
 
-def _jit(depth, hidden_size, num_heads, bottleneck_dim, in_context_start, patch_size, in_context_len=32):
-    def build(**kwargs):
-        return JiT(depth=depth, hidden_size=hidden_size, num_heads=num_heads, bottleneck_dim=bottleneck_dim,
-                   in_context_len=in_context_len, in_context_start=in_context_start, patch_size=patch_size, **kwargs)
-    return build
+def _config(depth, hidden_size, num_heads, bottleneck_dim, in_context_start, patch_size, in_context_len=32):
+    return functools.partial(JiT, depth=depth, hidden_size=hidden_size, num_heads=num_heads,
+                             bottleneck_dim=bottleneck_dim, in_context_len=in_context_len,
+                             in_context_start=in_context_start, patch_size=patch_size)
 
 
 JiT_models = {
     # published configs (B/L/H released; G is in the paper only)
-    "JiT-B/16": _jit(12, 768, 12, 128, 4, 16),
-    "JiT-B/32": _jit(12, 768, 12, 128, 4, 32),
-    "JiT-L/16": _jit(24, 1024, 16, 128, 8, 16),
-    "JiT-L/32": _jit(24, 1024, 16, 128, 8, 32),
-    "JiT-H/16": _jit(32, 1280, 16, 256, 10, 16),
-    "JiT-H/32": _jit(32, 1280, 16, 256, 10, 32),
-    "JiT-G/16": _jit(40, 1664, 16, 256, 10, 16),
-    "JiT-G/32": _jit(40, 1664, 16, 256, 10, 32),
+    "JiT-B/16": _config(12, 768, 12, 128, 4, 16),
+    "JiT-B/32": _config(12, 768, 12, 128, 4, 32),
+    "JiT-L/16": _config(24, 1024, 16, 128, 8, 16),
+    "JiT-L/32": _config(24, 1024, 16, 128, 8, 32),
+    "JiT-H/16": _config(32, 1280, 16, 256, 10, 16),
+    "JiT-H/32": _config(32, 1280, 16, 256, 10, 32),
+    "JiT-G/16": _config(40, 1664, 16, 256, 10, 16),
+    "JiT-G/32": _config(40, 1664, 16, 256, 10, 32),
     # small configs for CPU experiments; NOT from the paper
-    "JiT-T/2": _jit(6, 192, 3, 32, 2, 2, in_context_len=8),
-    "JiT-T/4": _jit(6, 192, 3, 32, 2, 4, in_context_len=8),
-    "JiT-S/2": _jit(12, 384, 6, 64, 4, 2, in_context_len=16),
-    "JiT-S/4": _jit(12, 384, 6, 64, 4, 4, in_context_len=16),
+    "JiT-T/2": _config(6, 192, 3, 32, 2, 2, in_context_len=8),
+    "JiT-T/4": _config(6, 192, 3, 32, 2, 4, in_context_len=8),
+    "JiT-S/2": _config(12, 384, 6, 64, 4, 2, in_context_len=16),
+    "JiT-S/4": _config(12, 384, 6, 64, 4, 4, in_context_len=16),
 }
+# text-to-image variants: the same networks, built by Denoiser with an LLMTextEncoder (text_encoder=...)
+JiT_models.update({f"{name}-Text": builder for name, builder in list(JiT_models.items())})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text conditioning (SPEC.md section 7): a pretrained LLM turns a caption into one pooled vector that replaces the
+# class embedding (JiT.forward_with_cond_embedding). The frozen LLM is kept OUT of the module tree, so it is never
+# re-initialised, never in state_dict()/parameters()/EMA/checkpoints; captions are embedded once and cached
+# (util/text_cache.py) instead of re-running the LLM at every network call.
+
+class _SharedRef:
+    """Holds an object outside nn.Module's registries; copy.deepcopy shares it instead of duplicating it."""
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class LLMTextEncoder(nn.Module):
+    """Caption -> LLM last_hidden_state -> masked mean over the real tokens -> Linear(llm_hidden, hidden_size).
+
+    pooled_features(captions) runs the LLM ((B, llm_hidden) float32); forward(pooled) is the trainable projection.
+    Frozen (default): the LLM is a plain attribute (not a submodule): absent from state_dict(), parameters(),
+    the EMA tracks and checkpoints, requires_grad False, always in eval mode; it still follows .to()/.cuda()/.cpu()
+    of any parent module. Not frozen: the LLM is the registered, trainable submodule `llm` (keys llm.*).
+    The LLM weights are never touched by any weight init. Compute policy: frozen LLM weights are bfloat16 on CUDA
+    and float32 elsewhere (dtype casts of the parent such as .half() do not change this); a trainable LLM keeps
+    float32 weights and runs under bfloat16 autocast on CUDA. Pooled features are always float32.
+    """
+
+    POOLING = "masked-mean-v1"  # part of the fingerprint: change it if the pooling changes
+
+    def __init__(self, llm_name_or_path, hidden_size, max_text_len=77, freeze=True):
+        super().__init__()
+        import transformers
+        from transformers import AutoModel, AutoTokenizer
+
+        self.llm_name_or_path = str(llm_name_or_path)
+        self.max_text_len = int(max_text_len)
+        self.freeze = bool(freeze)
+        tokenizer = AutoTokenizer.from_pretrained(llm_name_or_path)
+        if tokenizer.pad_token is None:
+            if tokenizer.eos_token is None:
+                raise ValueError(f"tokenizer of {llm_name_or_path} has neither a pad nor an eos token")
+            tokenizer.pad_token = tokenizer.eos_token
+        # right padding: the real tokens keep positions 0..n-1 whatever the batch, so a caption's features do
+        # not depend on the other captions of its batch (up to kernel rounding, see util/text_cache.py)
+        tokenizer.padding_side = "right"
+        self.tokenizer = tokenizer
+        major_minor = tuple(int(v) for v in transformers.__version__.split(".")[:2])
+        dtype_kw = "dtype" if major_minor >= (4, 56) else "torch_dtype"
+        llm = AutoModel.from_pretrained(llm_name_or_path, **{dtype_kw: torch.float32})
+        self.llm_hidden_size = int(llm.config.hidden_size)
+        if self.freeze:
+            llm.requires_grad_(False)
+            llm.eval()
+            self._frozen_llm = _SharedRef(llm)  # plain attribute: not registered, not in state_dict
+        else:
+            self._frozen_llm = None
+            self.add_module("llm", llm)
+        self.proj = nn.Linear(self.llm_hidden_size, hidden_size)
+        nn.init.xavier_uniform_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        self._fingerprint = None
+
+    # ------------------------------------------------------------------ the LLM and its device
+    def __getattr__(self, name):
+        if name == "llm" and self.__dict__.get("_frozen_llm") is not None:
+            return self.__dict__["_frozen_llm"].obj
+        return super().__getattr__(name)
+
+    @property
+    def llm_device(self):
+        return next(self.llm.parameters()).device
+
+    @property
+    def llm_compute_dtype(self):
+        """dtype the LLM computes in on its current device (bfloat16 on CUDA, float32 otherwise)."""
+        return torch.bfloat16 if self.llm_device.type == "cuda" else torch.float32
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.freeze:
+            llm = self.llm
+            current = next(llm.parameters()).device
+            target = fn(torch.empty(0, device=current)).device  # where the parent is being moved (dtype ignored)
+            if target != current or next(llm.parameters()).dtype != self._frozen_dtype_for(target):
+                llm.to(device=target, dtype=self._frozen_dtype_for(target))
+        return self
+
+    @staticmethod
+    def _frozen_dtype_for(device):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.freeze:
+            self.llm.eval()
+        return self
+
+    # ------------------------------------------------------------------ features
+    def tokenize(self, captions):
+        if isinstance(captions, str):
+            raise TypeError("captions must be a list of strings, not a single string")
+        return self.tokenizer(list(captions), padding=True, truncation=True, max_length=self.max_text_len,
+                              return_tensors="pt")
+
+    def pooled_features(self, captions):
+        """(B, llm_hidden) float32 on the LLM's device: mean of last_hidden_state over the non-padding tokens."""
+        batch = self.tokenize(captions)
+        mask = batch["attention_mask"]
+        empty = [c for c, n in zip(captions, mask.sum(1).tolist()) if n == 0]
+        if empty:
+            raise ValueError(f"captions with no tokens cannot be encoded: {empty[:5]}")
+        device = self.llm_device
+        input_ids, mask = batch["input_ids"].to(device), mask.to(device)
+        if self.freeze:
+            # fixed policy whatever autocast the caller is under: the weights already have the compute dtype
+            with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+                hidden = self.llm(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        else:
+            use_bf16 = device.type == "cuda"
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                hidden = self.llm(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        weights = mask.to(torch.float32).unsqueeze(-1)
+        return (hidden.float() * weights).sum(dim=1) / weights.sum(dim=1)
+
+    def forward(self, pooled):
+        return self.proj(pooled)
+
+    # ------------------------------------------------------------------ identity
+    def fingerprint(self):
+        """Short id of (LLM, tokenizer, max_text_len, pooling) for caption caches and checkpoints.
+
+        The LLM weights are not hashed (too slow for multi-GB models): it is the name/path plus a hash of the
+        config (without volatile fields such as transformers_version and dtype) and of the tokenizer's vocabulary.
+        """
+        if self._fingerprint is None:
+            import hashlib
+            import json
+
+            config = self.llm.config.to_dict()
+            for key in ("transformers_version", "_name_or_path", "name_or_path", "dtype", "torch_dtype",
+                        "_commit_hash", "_attn_implementation", "_attn_implementation_internal",
+                        "_attn_implementation_autoset", "use_cache"):
+                config.pop(key, None)
+            config_hash = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+            vocab = json.dumps(sorted(self.tokenizer.get_vocab().items()), ensure_ascii=False)
+            vocab_hash = hashlib.sha256(vocab.encode()).hexdigest()[:12]
+            self._fingerprint = (f"{self.llm_name_or_path}|config={config_hash}|vocab={len(self.tokenizer)}:"
+                                 f"{vocab_hash}|max_text_len={self.max_text_len}|{self.POOLING}")
+        return self._fingerprint
+
+
+class TextEmbedder(nn.Module):
+    """The condition of -Text models: caption index -> pooled LLM features -> projection to the JiT width.
+
+    Indices point into the caption list given to set_captions (training captions, evaluation prompts); index -1 is
+    the null caption of classifier-free guidance, a learned vector (never an empty, fully masked LLM input, which
+    gives NaN with some attention kernels). With a frozen LLM the pooled features are a precomputed table (each
+    distinct caption embedded once, util/text_cache.py); with a trainable LLM they are computed in the step.
+    """
+
+    def __init__(self, text_encoder, hidden_size):
+        super().__init__()
+        self.encoder = text_encoder
+        self.null_embedding = nn.Parameter(torch.zeros(1, hidden_size))
+        nn.init.normal_(self.null_embedding, std=0.02)
+        self.captions = []
+        self.register_buffer("caption_features", torch.zeros(0, text_encoder.llm_hidden_size), persistent=False)
+
+    def set_captions(self, captions, features=None):
+        """Captions the indices refer to; with a frozen LLM also their pooled features (len(captions), llm_hidden)."""
+        if self.encoder.freeze:
+            if features is None or len(features) != len(captions):
+                raise ValueError("a frozen text encoder needs the pooled features of every caption")
+            self.caption_features = features.to(self.caption_features.device, torch.float32)
+        self.captions = list(captions)
+
+    def forward(self, caption_ids):
+        if len(self.captions) == 0:
+            raise RuntimeError("no captions set: call net.y_embedder.set_captions(captions, features) first")
+        ids = caption_ids.clamp_min(0)
+        if self.encoder.freeze:
+            pooled = self.caption_features[ids]
+        else:
+            pooled = self.encoder.pooled_features([self.captions[i] for i in ids.tolist()])
+        emb = self.encoder(pooled)
+        return torch.where((caption_ids < 0).unsqueeze(1), self.null_embedding.to(emb.dtype), emb)

@@ -1,0 +1,176 @@
+"""One training epoch and one evaluation (sampling + FID/IS) of a JiT Denoiser."""
+import datetime
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+import util.misc as misc
+from util import fid
+from util.lr_sched import adjust_learning_rate
+
+
+def to_model_input(images_uint8, device):
+    """uint8 (B, 3, H, W) from the loader -> float32 in [-1, 1] on the device (the loader ships bytes, not floats)."""
+    return images_uint8.to(device, non_blocking=True).float().div_(255).mul_(2).sub_(1)
+
+
+def to_uint8(images):
+    """[-1, 1] float images -> uint8, clip((x + 1) / 2 * 255) rounded, as the release saves its PNGs."""
+    return ((images.float() + 1) / 2 * 255).clamp_(0, 255).round_().to(torch.uint8)
+
+
+def check_finite(loss_sum, first_bad_step, epoch):
+    """Stop (on every rank) when a non-finite loss was seen; called at logging points, never per step."""
+    if misc.is_dist_avail_and_initialized():
+        dist.all_reduce(first_bad_step, op=dist.ReduceOp.MIN)
+    if first_bad_step.item() < 2 ** 62:
+        raise SystemExit(f"non-finite loss at epoch {epoch} step {first_bad_step.item()}: training stopped "
+                         f"before any checkpoint was written with these weights")
+
+
+def train_one_epoch(model, model_without_ddp, data_loader, optimizer, device, epoch, log_writer, args):
+    model.train(True)
+    steps_per_epoch = len(data_loader)
+    no_bad_step = 2 ** 62
+    first_bad_step = torch.tensor(no_bad_step, device=device)
+    loss_sum = torch.zeros((), device=device)
+    interval_start, interval_steps = time.time(), 0
+    for step, (images, labels) in enumerate(data_loader):
+        lr = adjust_learning_rate(optimizer, epoch + step / steps_per_epoch, args)
+        x = to_model_input(images, device)
+        labels = labels.to(device, non_blocking=True)
+        with misc.autocast(device, args.precision):
+            loss = model(x, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        model_without_ddp.update_ema()
+
+        loss = loss.detach()
+        first_bad_step = torch.where(torch.isfinite(loss) | (first_bad_step < no_bad_step), first_bad_step, step)
+        loss_sum += loss
+        interval_steps += 1
+        if (step + 1) % args.log_freq == 0 or step + 1 == steps_per_epoch:
+            check_finite(loss_sum, first_bad_step, epoch)
+            mean_loss = misc.all_reduce_mean(loss_sum / interval_steps).item()
+            elapsed = time.time() - interval_start
+            images_per_s = interval_steps * args.batch_size * misc.get_world_size() / elapsed
+            steps_left = (steps_per_epoch - step - 1) + (args.epochs - epoch - 1) * steps_per_epoch
+            eta = datetime.timedelta(seconds=int(steps_left * elapsed / interval_steps))
+            print(f"Epoch [{epoch}] [{step + 1}/{steps_per_epoch}] loss {mean_loss:.4f} lr {lr:.2e} "
+                  f"{images_per_s:.1f} img/s ETA {eta}")
+            if log_writer is not None:
+                global_step = epoch * steps_per_epoch + step + 1
+                log_writer.add_scalar("train_loss", mean_loss, global_step)
+                log_writer.add_scalar("lr", lr, global_step)
+            loss_sum.zero_()
+            interval_start, interval_steps = time.time(), 0
+
+
+def eval_labels(num_images, label_ids, rank, world_size):
+    """This rank's share of num_images labels cycling through label_ids (classes, or caption indices of -Text
+    models): class-balanced when num_images is a multiple of the class count, and every batch (and the sample
+    grid) shows many classes."""
+    label_ids = torch.as_tensor(label_ids)
+    return label_ids[torch.arange(num_images) % len(label_ids)][rank::world_size]
+
+
+@torch.no_grad()
+def generate_uint8(model_without_ddp, labels, device, args, on_batch, desc="sampling"):
+    """Sample images for `labels` in batches of gen_bsz; on_batch(uint8 images (B, 3, S, S) on CPU, labels)."""
+    model_without_ddp.eval()
+    batches = labels.split(args.gen_bsz)
+    for batch_labels in tqdm(batches, desc=desc, disable=not misc.is_main_process()):
+        with misc.autocast(device, args.precision):
+            images = model_without_ddp.generate(batch_labels.to(device))
+        on_batch(to_uint8(images).cpu(), batch_labels)
+
+
+def gather_to_main(tensor):
+    """Concatenate each rank's CPU tensor on rank 0 (others get None); the identity in a single process."""
+    if not misc.is_dist_avail_and_initialized():
+        return tensor
+    parts = [None] * misc.get_world_size() if misc.is_main_process() else None
+    dist.gather_object(tensor, parts, dst=0)
+    return torch.cat(parts) if misc.is_main_process() else None
+
+
+def save_grid(images, path, captions=None):
+    """8-column PNG grid of uint8 images; for -Text models also `<path>.txt` with the prompt of every cell."""
+    save_image(images.float() / 255, path, nrow=8)
+    if captions is not None:
+        with open(os.path.splitext(path)[0] + ".txt", "w", encoding="utf-8") as f:
+            f.writelines(f"row {i // 8} col {i % 8}: {caption}\n" for i, caption in enumerate(captions))
+
+
+def evaluate(model_without_ddp, args, epoch, log_writer, device, inception, label_ids, cfg=None, ema_track=None):
+    """Generate num_images samples cycling through label_ids with an EMA track; FID (and IS) on rank 0."""
+    cfg = args.cfg if cfg is None else cfg
+    ema_track = args.eval_ema if ema_track is None else ema_track
+    rank, world_size = misc.get_rank(), misc.get_world_size()
+    labels = eval_labels(args.num_images, label_ids, rank, world_size)
+    tag = f"epoch{epoch}_cfg{cfg:g}_ema{ema_track}"
+    png_dir = os.path.join(args.output_dir, f"images_{tag}") if args.save_png else None
+    if png_dir:
+        os.makedirs(png_dir, exist_ok=True)
+    pool_features, logits, grid, grid_labels = [], [], [], []
+    saved = [0]
+
+    def on_batch(images, batch_labels):
+        pool, batch_logits = fid.inception_features(inception, images)
+        pool_features.append(pool)
+        if batch_logits is not None:
+            logits.append(batch_logits)
+        room = 64 - sum(len(g) for g in grid)
+        if room > 0:
+            grid.append(images[:room])
+            grid_labels.extend(batch_labels[:room].tolist())
+        if png_dir:
+            for image, label in zip(images, batch_labels.tolist()):
+                index = rank + world_size * saved[0]  # the index of this image in the global label list
+                save_image(image.float() / 255, os.path.join(png_dir, f"{index:06d}_class{label}.png"))
+                saved[0] += 1
+
+    saved_cfg = model_without_ddp.cfg_scale
+    model_without_ddp.cfg_scale = cfg
+    try:
+        with model_without_ddp.ema_weights(ema_track):
+            generate_uint8(model_without_ddp, labels, device, args, on_batch, desc=f"eval {tag}")
+    finally:
+        model_without_ddp.cfg_scale = saved_cfg
+
+    pool_features = gather_to_main(torch.cat(pool_features))
+    logits = gather_to_main(torch.cat(logits)) if logits else None
+    if not misc.is_main_process():
+        return None
+    grid_path = os.path.join(args.output_dir, f"samples_{tag}.png")
+    captions = getattr(model_without_ddp.net.y_embedder, "captions", None)
+    save_grid(torch.cat(grid), grid_path, [captions[i] for i in grid_labels] if captions else None)
+    metrics = fid.compute_metrics(pool_features, logits, args.fid_stats, inception.source)
+    isc = metrics["inception_score"]
+    print(f"[{tag}] FID {metrics['fid']:.4f}  IS {'n/a' if isc is None else f'{isc:.2f}'}  "
+          f"({len(pool_features)} images, Inception: {inception.source}; grid: {grid_path})")
+    if log_writer is not None:
+        log_writer.add_scalar(f"fid_cfg{cfg:g}_ema{ema_track}", metrics["fid"], epoch)
+        if isc is not None:
+            log_writer.add_scalar(f"is_cfg{cfg:g}_ema{ema_track}", isc, epoch)
+    return metrics
+
+
+def evaluate_sweep(model_without_ddp, args, epoch, log_writer, device, inception, label_ids):
+    """Evaluate every (cfg, EMA track) pair of --sweep_cfg x --sweep_ema (defaults: --cfg x --eval_ema)."""
+    results = []
+    for ema_track in args.sweep_ema or [args.eval_ema]:
+        for cfg in args.sweep_cfg or [args.cfg]:
+            metrics = evaluate(model_without_ddp, args, epoch, log_writer, device, inception, label_ids, cfg, ema_track)
+            results.append((cfg, ema_track, metrics))
+    if misc.is_main_process() and len(results) > 1:
+        print("cfg    ema   FID       IS")
+        for cfg, ema_track, m in results:
+            isc = "n/a" if m["inception_score"] is None else f"{m['inception_score']:.2f}"
+            print(f"{cfg:<6g} {ema_track:<5d} {m['fid']:<9.4f} {isc}")
+    return results

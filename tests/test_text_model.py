@@ -1,0 +1,176 @@
+"""-Text models end to end with a tiny local LLM: caption table, CFG null, frozen LLM untouched, checkpoints without
+the LLM, sampling from prompts, main_jit.py training and evaluation on an images/ + captions/ folder."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from denoiser import Denoiser
+from util.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from util.text_cache import embed_captions
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CAPTIONS = ["赤い丸の写真", "青い四角の写真", "a green triangle", "黄色い星の写真"]
+
+
+@pytest.fixture
+def text_args(make_args, tiny_llm_path):
+    def make(*extra):
+        return make_args("--model", "JiT-T/4-Text", "--llm_model_name", tiny_llm_path, *extra)
+    return make
+
+
+def with_captions(model, captions=CAPTIONS):
+    encoder = model.net.y_embedder.encoder
+    model.net.y_embedder.set_captions(captions, embed_captions(encoder, captions, None, progress=False))
+    return model
+
+
+def llm_state(model):
+    return {k: v.clone() for k, v in model.net.y_embedder.encoder.llm.state_dict().items()}
+
+
+def test_text_model_keys_and_frozen_llm_untouched_by_init_and_training(text_args, tiny_llm_path):
+    from transformers import AutoModel
+    pristine = AutoModel.from_pretrained(tiny_llm_path).state_dict()
+    torch.manual_seed(0)
+    model = with_captions(Denoiser(text_args("--label_drop_prob", "0.5")))
+    llm = model.net.y_embedder.encoder.llm
+    assert all(torch.equal(pristine[k], v) for k, v in llm.state_dict().items())  # no JiT init reached it
+    keys = list(model.state_dict())
+    assert not any("llm" in k for k in keys)
+    assert {k for k in keys if k.startswith("net.y_embedder.")} == {
+        "net.y_embedder.null_embedding", "net.y_embedder.encoder.proj.weight", "net.y_embedder.encoder.proj.bias"}
+    assert not any(p is q for p in model.parameters() for q in llm.parameters())
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    for _ in range(3):
+        loss = model(x, torch.tensor([0, 1, 2, 3]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        model.update_ema()
+    assert torch.isfinite(loss)
+    assert all(torch.equal(pristine[k], v) for k, v in llm.state_dict().items())
+    assert all(p.grad is None for p in llm.parameters())
+    assert len(model.ema_params[0]) == len(keys)  # EMA tracks hold no LLM tensor
+
+
+def test_condition_is_projected_cached_features_and_null_is_learned(text_args):
+    model = with_captions(Denoiser(text_args()))
+    embedder = model.net.y_embedder
+    on_the_fly = embedder.encoder.pooled_features([CAPTIONS[2]])
+    emb = embedder(torch.tensor([2, -1]))
+    torch.testing.assert_close(emb[0], embedder.encoder.proj(on_the_fly)[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(emb[1], embedder.null_embedding[0])
+    assert emb[1].abs().sum() > 0  # N(0, 0.02) init, not an all-zero input to the LLM
+
+
+def test_cfg_drop_replaces_captions_with_null(text_args, monkeypatch):
+    model = with_captions(Denoiser(text_args("--label_drop_prob", "0.5")))
+    seen = []
+    forward = model.net.forward
+    monkeypatch.setattr(model.net, "forward", lambda z, t, y: seen.append(y.clone()) or forward(z, t, y))
+    torch.manual_seed(3)
+    model(torch.zeros(64, 3, 32, 32), torch.arange(64) % 4)
+    dropped = (seen[0] == -1).sum().item()
+    assert 16 <= dropped <= 48 and ((seen[0] == -1) | (seen[0] == torch.arange(64) % 4)).all()
+    model.eval()
+    model(torch.zeros(8, 3, 32, 32), torch.arange(8) % 4)
+    assert (seen[1] >= 0).all()  # no drop outside training
+
+
+def test_sampling_from_prompts_runs_the_llm_only_once_per_prompt(text_args):
+    model = Denoiser(text_args("--cfg", "2.0", "--num_sampling_steps", "4")).eval()
+    llm = model.net.y_embedder.encoder.llm
+    calls = []
+    handle = llm.register_forward_hook(lambda *a: calls.append(1))
+    prompts = ["猫の写真", "犬の写真"]
+    with_captions(model, prompts)
+    assert len(calls) == 1  # both prompts embedded in one batch
+    torch.manual_seed(0)
+    images = model.generate(torch.tensor([0, 1, 1]))
+    handle.remove()
+    assert images.shape == (3, 3, 32, 32) and torch.isfinite(images).all()
+    assert len(calls) == 1  # 7 network evaluations x 2 (cond + null), no LLM call
+
+
+def test_trainable_llm_runs_in_the_step(text_args):
+    model = Denoiser(text_args("--no-freeze_llm"))
+    model.net.y_embedder.set_captions(CAPTIONS)  # no features: the LLM embeds the captions in every step
+    assert any(k.startswith("net.y_embedder.encoder.llm.") for k in model.state_dict())
+    with torch.no_grad():  # leave the zero init, which blocks every gradient upstream of the output layer
+        for p in model.net.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model(torch.zeros(2, 3, 32, 32), torch.tensor([0, 3])).backward()
+    grads = [p.grad for p in model.net.y_embedder.encoder.llm.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_checkpoint_records_the_llm_and_holds_none_of_it(text_args, make_args, tmp_path):
+    model = with_captions(Denoiser(text_args()))
+    optimizer = torch.optim.AdamW(model.parameters())
+    path = tmp_path / "checkpoint-last.pth"
+    save_checkpoint(path, model, optimizer, 0, text_args())
+    ckpt = read_checkpoint(path)
+    assert ckpt["text_encoder"] == model.net.y_embedder.encoder.fingerprint()
+    for key in ("model", "model_ema1", "model_ema2"):
+        assert list(ckpt[key]) == list(model.state_dict())
+    class_path = tmp_path / "class.pth"
+    class_model = Denoiser(make_args())
+    save_checkpoint(class_path, class_model, torch.optim.AdamW(class_model.parameters()), 0, make_args())
+    assert os.path.getsize(path) < 1.05 * os.path.getsize(class_path)  # about the JiT alone
+
+    reloaded = Denoiser(text_args())
+    load_checkpoint(reloaded, path)
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values()))
+    with pytest.raises(ValueError, match=r"trained with the text encoder .*max_text_len=77.* but this model uses "
+                                         r".*max_text_len=16"):
+        load_checkpoint(Denoiser(text_args("--max_text_len", "16")), path)
+
+
+@pytest.fixture
+def caption_folder(tmp_path):
+    """<root>/images/*.png + <root>/captions/*.txt: 8 images, 4 distinct Japanese / English captions."""
+    root = tmp_path / "captioned"
+    os.makedirs(root / "images")
+    os.makedirs(root / "captions")
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3)).astype(np.uint8)).save(root / "images" / f"{i:02d}.png")
+        (root / "captions" / f"{i:02d}.txt").write_text(CAPTIONS[i % 4] + "\n", encoding="utf-8")
+    return root
+
+
+def test_main_trains_and_evaluates_a_text_model(caption_folder, tiny_llm_path, tmp_path):
+    from util import fid
+    out = tmp_path / "out"
+    env = dict(os.environ, JIT_CACHE_DIR=str(tmp_path / "cache"))
+    common = [sys.executable, "main_jit.py", "--model", "JiT-T/4-Text", "--img_size", "32", "--device", "cpu",
+              "--llm_model_name", tiny_llm_path, "--data_path", str(caption_folder), "--output_dir", str(out),
+              "--num_workers", "0", "--batch_size", "4"]
+    result = subprocess.run(common + ["--epochs", "2", "--warmup_epochs", "1", "--log_freq", "1"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "4 distinct captions, 4 evaluation prompts" in result.stdout + result.stderr
+    assert len(os.listdir(tmp_path / "cache" / "text_features")) == 1
+    ckpt = read_checkpoint(out / "checkpoint-last.pth")
+    assert ckpt["epoch"] == 1 and not any("llm" in k for k in ckpt["model"])
+
+    stats = tmp_path / "stats.npz"
+    fid.save_stats(stats, {"mu": np.zeros(2048), "sigma": np.eye(2048)})
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("白い猫\nred car\n", encoding="utf-8")
+    result = subprocess.run(common + ["--evaluate_gen", "--resume", str(out), "--prompts_file", str(prompts),
+                                      "--num_images", "4", "--gen_bsz", "4", "--num_sampling_steps", "2",
+                                      "--cfg", "2.0", "--fid_stats", str(stats)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "FID" in result.stdout + result.stderr
+    grid_txt = (out / "samples_epoch1_cfg2_ema1.txt").read_text(encoding="utf-8").splitlines()
+    assert grid_txt == ["row 0 col 0: 白い猫", "row 0 col 1: red car", "row 0 col 2: 白い猫", "row 0 col 3: red car"]

@@ -1,0 +1,123 @@
+"""Distributed setup, seeding and small helpers shared by main_jit.py and engine_jit.py."""
+import builtins
+import datetime
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def is_dist_avail_and_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank():
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def setup_for_distributed(is_master):
+    """Silence print() on non-master ranks unless called with force=True."""
+    builtin_print = builtins.print
+
+    def print(*args, **kwargs):
+        force = kwargs.pop("force", False)
+        if is_master or force:
+            now = datetime.datetime.now().time()
+            builtin_print(f"[{now}]", *args, **kwargs)
+
+    builtins.print = print
+
+
+def init_distributed_mode(args):
+    """Set args.rank/world_size/gpu/distributed from torchrun, SLURM or OpenMPI; single process otherwise."""
+    if args.dist_on_itp:
+        args.rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
+        args.world_size = int(os.environ["OMPI_COMM_WORLD_SIZE"])
+        args.gpu = int(os.environ["OMPI_COMM_WORLD_LOCAL_RANK"])
+        args.dist_url = f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        os.environ["LOCAL_RANK"] = str(args.gpu)
+        os.environ["RANK"] = str(args.rank)
+        os.environ["WORLD_SIZE"] = str(args.world_size)
+    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        args.rank = int(os.environ["RANK"])
+        args.world_size = int(os.environ["WORLD_SIZE"])
+        args.gpu = int(os.environ["LOCAL_RANK"])
+    elif "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1:
+        args.rank = int(os.environ["SLURM_PROCID"])
+        args.world_size = int(os.environ["SLURM_NTASKS"])
+        args.gpu = args.rank % max(torch.cuda.device_count(), 1)
+    else:
+        args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, False
+        setup_for_distributed(True)
+        return
+    args.distributed = True
+    on_cuda = args.device.startswith("cuda")
+    if on_cuda:
+        torch.cuda.set_device(args.gpu)
+    backend = "nccl" if on_cuda else "gloo"
+    print(f"| distributed init (rank {args.rank}, world {args.world_size}, {backend}): {args.dist_url}", flush=True)
+    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank)
+    dist.barrier()
+    setup_for_distributed(args.rank == 0)
+
+
+def resolve_device(args):
+    """torch.device for this process from --device, with a one-line error when it is not available."""
+    kind = args.device.split(":")[0]
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+        return torch.device("cuda", args.gpu if args.distributed else torch.cuda.current_device())
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"--device {args.device}: Apple MPS is not available on this machine; use --device cpu")
+    if kind not in ("cpu", "mps"):
+        raise SystemExit(f"--device {args.device}: expected cpu, cuda or mps")
+    return torch.device(kind)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def all_reduce_mean(value):
+    """Mean of a tensor over ranks (returns the tensor unchanged in a single process)."""
+    if is_dist_avail_and_initialized():
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= get_world_size()
+    return value
+
+
+def autocast(device, precision):
+    """bf16 autocast on any device when --precision bf16; a no-op context for fp32."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def param_groups_weight_decay(model, weight_decay):
+    """AdamW groups: no weight decay for biases and 1-D tensors (norm weights); frozen tensors left out."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def cache_dir():
+    """Where converted Inception weights and caption features are cached: $JIT_CACHE_DIR, else
+    $XDG_CACHE_HOME/jit or ~/.cache/jit."""
+    if os.environ.get("JIT_CACHE_DIR"):
+        return os.environ["JIT_CACHE_DIR"]
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jit")
