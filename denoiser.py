@@ -137,7 +137,11 @@ class Denoiser(nn.Module):
 
     @contextmanager
     def ema_weights(self, track=1):
-        """Temporarily swap EMA track 1 or 2 into the network (for sampling); the live weights come back after."""
+        """Temporarily swap EMA track 1 or 2 into the network (for sampling); the live weights come back after.
+        Track 0 is the live weights themselves (short runs, whose EMA is still mostly the initial weights)."""
+        if track == 0:
+            yield self
+            return
         params = [p.data for p in self.parameters()]
         live = [p.clone() for p in params]
         torch._foreach_copy_(params, self.ema_params[track - 1])

@@ -11,6 +11,7 @@ from tqdm import tqdm
 import util.misc as misc
 from util import fid
 from util.lr_sched import adjust_learning_rate
+from util.preemption import Preempted
 
 
 def to_model_input(images_uint8, device):
@@ -23,7 +24,7 @@ def to_uint8(images):
     return ((images.float() + 1) / 2 * 255).clamp_(0, 255).round_().to(torch.uint8)
 
 
-def check_finite(loss_sum, first_bad_step, epoch):
+def check_finite(first_bad_step, epoch):
     """Stop (on every rank) when a non-finite loss was seen; called at logging points, never per step."""
     if misc.is_dist_avail_and_initialized():
         dist.all_reduce(first_bad_step, op=dist.ReduceOp.MIN)
@@ -32,16 +33,25 @@ def check_finite(loss_sum, first_bad_step, epoch):
                          f"before any checkpoint was written with these weights")
 
 
-def train_one_epoch(model, model_without_ddp, data_loader, optimizer, device, epoch, log_writer, args):
+def random_flip(x):
+    """Horizontal flip of half the batch, drawn from the training RNG (checkpointed, so resumes are exact)."""
+    flip = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5
+    return torch.where(flip, x.flip(-1), x)
+
+
+def train_one_epoch(model, model_without_ddp, data_loader, optimizer, device, epoch, log_writer, args,
+                    start_step=0, stop_requests=None, save_for_resume=None):
+    """Train from step start_step of the epoch to its end. Every stop_requests.check_every steps the ranks agree
+    on a periodic save (--save_every_minutes) or a preemption (save, then raise Preempted)."""
     model.train(True)
-    steps_per_epoch = len(data_loader)
+    steps_per_epoch = data_loader.sampler.num_samples // args.batch_size
     no_bad_step = 2 ** 62
     first_bad_step = torch.tensor(no_bad_step, device=device)
     loss_sum = torch.zeros((), device=device)
     interval_start, interval_steps = time.time(), 0
-    for step, (images, labels) in enumerate(data_loader):
+    for step, (images, labels) in enumerate(data_loader, start=start_step):
         lr = adjust_learning_rate(optimizer, epoch + step / steps_per_epoch, args)
-        x = to_model_input(images, device)
+        x = random_flip(to_model_input(images, device))
         labels = labels.to(device, non_blocking=True)
         with misc.autocast(device, args.precision):
             loss = model(x, labels)
@@ -55,13 +65,13 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, device, ep
         loss_sum += loss
         interval_steps += 1
         if (step + 1) % args.log_freq == 0 or step + 1 == steps_per_epoch:
-            check_finite(loss_sum, first_bad_step, epoch)
+            check_finite(first_bad_step, epoch)
             mean_loss = misc.all_reduce_mean(loss_sum / interval_steps).item()
             elapsed = time.time() - interval_start
             images_per_s = interval_steps * args.batch_size * misc.get_world_size() / elapsed
             steps_left = (steps_per_epoch - step - 1) + (args.epochs - epoch - 1) * steps_per_epoch
             eta = datetime.timedelta(seconds=int(steps_left * elapsed / interval_steps))
-            print(f"Epoch [{epoch}] [{step + 1}/{steps_per_epoch}] loss {mean_loss:.4f} lr {lr:.2e} "
+            print(f"Epoch [{epoch}] [{step + 1}/{steps_per_epoch}] loss {mean_loss:.6f} lr {lr:.3e} "
                   f"{images_per_s:.1f} img/s ETA {eta}")
             if log_writer is not None:
                 global_step = epoch * steps_per_epoch + step + 1
@@ -69,6 +79,13 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, device, ep
                 log_writer.add_scalar("lr", lr, global_step)
             loss_sum.zero_()
             interval_start, interval_steps = time.time(), 0
+        if stop_requests is not None:
+            preempt, periodic = stop_requests.poll(step)
+            if preempt or periodic:
+                check_finite(first_bad_step, epoch)  # never write a checkpoint with diverged weights
+                save_for_resume(epoch, step + 1)
+            if preempt:
+                raise Preempted(f"epoch {epoch} step {step + 1}")
 
 
 def eval_labels(num_images, label_ids, rank, world_size):

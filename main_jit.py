@@ -2,21 +2,24 @@
 import argparse
 import functools
 import os
+import sys
 import time
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
-from torchvision import datasets, transforms
+from torchvision import datasets
 
 import util.misc as misc
 from denoiser import Denoiser, is_text_model
 from engine_jit import evaluate_sweep, train_one_epoch
 from model_jit import ATTN_IMPLS, JiT_models
-from util import fid
-from util.checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint
 from text_image_dataset import ImageNetWithCaptions, TextImageDataset
-from util.crop import center_crop_arr
+from util import fid
+from util.checkpoint import (load_checkpoint, read_checkpoint, remove_stale_temporaries, resolve_resume_path,
+                             rng_state, save_checkpoint, set_rng_state)
+from util.data import ImageSamples, ResumableSampler, check_data, train_transform
+from util.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequests, ignore_stop_signals
 from util.text_cache import embed_captions
 
 
@@ -72,7 +75,8 @@ def get_args_parser():
     parser.add_argument("--online_eval", action="store_true", help="evaluate FID/IS during training")
     parser.add_argument("--evaluate_gen", action="store_true", help="only evaluate the resumed checkpoint")
     parser.add_argument("--gen_bsz", default=256, type=int, help="generation batch size per process")
-    parser.add_argument("--eval_ema", default=1, type=int, choices=[1, 2], help="EMA track used for evaluation")
+    parser.add_argument("--eval_ema", default=1, type=int, choices=[0, 1, 2],
+                        help="weights used for evaluation: EMA track 1 or 2, or 0 for the live weights")
     parser.add_argument("--sweep_cfg", default=None, type=float_list,
                         help="comma-separated CFG scales to evaluate in one run, e.g. 2.5,2.9,3.3")
     parser.add_argument("--sweep_ema", default=None, type=int_list, help="EMA tracks to evaluate, e.g. 1,2")
@@ -90,6 +94,10 @@ def get_args_parser():
     parser.add_argument("--save_last_freq", default=5, type=int, help="write checkpoint-last.pth every N epochs")
     parser.add_argument("--log_freq", default=100, type=int, help="log every N iterations")
     parser.add_argument("--device", default="cuda", help="cuda, cpu or mps")
+    parser.add_argument("--save_every_minutes", default=0.0, type=float,
+                        help="also write checkpoint-last.pth (mid-epoch, exactly resumable) this often; 0 = off")
+    parser.add_argument("--check_data", action="store_true",
+                        help="decode every training image once before training and report the unreadable ones")
     # text-to-image (models named *-Text, or --use_text_conditioning)
     parser.add_argument("--use_text_conditioning", action="store_true",
                         help="condition on captions through a frozen LLM (implied by a model name ending in -Text)")
@@ -102,7 +110,7 @@ def get_args_parser():
     parser.add_argument("--prompts_file", default=None,
                         help="evaluation prompts, one per line (default: the dataset's own captions)")
     parser.add_argument("--on_bad_data", default="error", choices=["error", "skip"],
-                        help="a caption problem (missing, empty, unreadable): stop with the list, or skip with a warning")
+                        help="an unreadable image or a caption problem: stop with the list, or skip it with a warning")
     # distributed
     parser.add_argument("--world_size", default=1, type=int)
     parser.add_argument("--local_rank", default=-1, type=int)
@@ -112,23 +120,19 @@ def get_args_parser():
 
 
 def build_dataset(args, text):
-    """ImageFolder of <data_path>/train for class models; for -Text models <data_path>/images + captions/
-    (TextImageDataset) or an ImageNet folder captioned "<class name>の写真" (ImageNetWithCaptions)."""
-    transform = transforms.Compose([
-        transforms.Lambda(functools.partial(center_crop_arr, image_size=args.img_size)),
-        transforms.RandomHorizontalFlip(),
-        transforms.PILToTensor(),  # uint8; normalised on the device
-    ])
+    """Index the training set: ImageFolder of <data_path>/train for class models; for -Text models
+    <data_path>/images + captions/ (TextImageDataset) or an ImageNet folder captioned "<class name>の写真"
+    (ImageNetWithCaptions). Returns an object with .samples [(path, label)] (and .captions for text)."""
     train_dir = os.path.join(args.data_path, "train")
     try:
         if text and os.path.isdir(os.path.join(args.data_path, "images")):
-            return TextImageDataset(args.data_path, transform, on_bad=args.on_bad_data)
+            return TextImageDataset(args.data_path, on_bad=args.on_bad_data)
         if not os.path.isdir(train_dir):
             raise SystemExit(f"--data_path {args.data_path}: no train/ folder of class subfolders at {train_dir}"
                              + (" and no images/ + captions/ folders" if text else ""))
         if text:
-            return ImageNetWithCaptions(train_dir, transform)
-        dataset = datasets.ImageFolder(train_dir, transform=transform)
+            return ImageNetWithCaptions(train_dir)
+        dataset = datasets.ImageFolder(train_dir)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--data_path {args.data_path}: {e}")
     if len(dataset.classes) > args.class_num:
@@ -138,17 +142,24 @@ def build_dataset(args, text):
 
 
 def build_train_loader(args, dataset):
-    if len(dataset) < args.batch_size * args.world_size:
-        raise SystemExit(f"--batch_size {args.batch_size}: --data_path {args.data_path} has {len(dataset)} images, "
+    samples = dataset.samples
+    if args.check_data:
+        samples = check_data(samples, args.on_bad_data, num_workers=min(args.num_workers, os.cpu_count() or 1),
+                             progress=misc.is_main_process())
+    if len(samples) < args.batch_size * args.world_size:
+        raise SystemExit(f"--batch_size {args.batch_size}: --data_path {args.data_path} has {len(samples)} images, "
                          f"fewer than one global batch of {args.batch_size * args.world_size}")
-    sampler = DistributedSampler(dataset, num_replicas=args.world_size, rank=args.rank, shuffle=True, seed=args.seed)
+    train_set = ImageSamples(samples, train_transform(args.img_size), on_bad=args.on_bad_data)
+    sampler = ResumableSampler(train_set, num_replicas=args.world_size, rank=args.rank, seed=args.seed)
     # 12 workers per process on an 8-GPU node exhausted host memory: never more than the CPUs of this process
     local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     num_workers = min(args.num_workers, max(1, (os.cpu_count() or 1) // local_procs))
-    print(f"{len(dataset)} training images; {num_workers} loader workers")
-    return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=num_workers,
+    print(f"{len(train_set)} training images; {num_workers} loader workers")
+    # the loader's own generator: creating its iterator must not consume the training RNG (exact resume)
+    return DataLoader(train_set, sampler=sampler, batch_size=args.batch_size, num_workers=num_workers,
                       pin_memory=args.pin_mem and args.device.startswith("cuda"), drop_last=True,
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(args.seed),
+                      worker_init_fn=ignore_stop_signals)
 
 
 def read_prompts(path):
@@ -186,39 +197,103 @@ def setup_captions(args, model_without_ddp, dataset):
     return eval_ids
 
 
+def check_resume_compatible(args, path):
+    """The checkpoint's model, image size and class count must be this run's (one line naming the flags)."""
+    saved = read_checkpoint(path).get("args")
+    for flag in ("model", "img_size", "class_num"):
+        ours, theirs = getattr(args, flag), getattr(saved, flag, None)
+        if theirs is not None and theirs != ours and not (flag == "class_num" and is_text_model(args)):
+            raise SystemExit(f"--resume {path}: the checkpoint has --{flag} {theirs}, this run --{flag} {ours}")
+
+
 def resume(args, model_without_ddp, optimizer):
+    """Load --resume; returns (epoch, step within it) to continue from. Checkpoints of ours carry resume_state
+    (mid-epoch position and every rank's RNG states); official ones continue at the next epoch."""
     try:
         path = resolve_resume_path(args.resume)
         if path is None:
             if args.resume:
                 print(f"--resume {args.resume}: no checkpoint-last.pth there yet; starting from scratch")
-            return
+            return args.start_epoch, 0
+        check_resume_compatible(args, path)
         checkpoint = load_checkpoint(model_without_ddp, path)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(str(e))
     if "optimizer" in checkpoint and not args.evaluate_gen:
         optimizer.load_state_dict(checkpoint["optimizer"])
-    args.start_epoch = checkpoint["epoch"] + 1
-    print(f"resumed from {path} (epoch {checkpoint['epoch']}); continuing at epoch {args.start_epoch}")
+    state = checkpoint.get("resume_state")
+    epoch, step = checkpoint["epoch"] + 1, 0
+    if state is not None:
+        epoch, step = state["epoch"], state["step"]
+        if len(state["rng"]) == misc.get_world_size():
+            set_rng_state(state["rng"][misc.get_rank()])
+        else:
+            print(f"world size changed ({len(state['rng'])} -> {misc.get_world_size()}): RNG streams restart")
+    print(f"resumed from {path} (epoch {checkpoint['epoch']}); continuing at epoch {epoch} step {step}")
+    return epoch, step
 
 
-def main(args):
-    misc.init_distributed_mode(args)
-    device = misc.resolve_device(args)
-    misc.seed_everything(args.seed + misc.get_rank())
+def save_for_resume(args, model_without_ddp, optimizer, stop_requests, epoch, next_step, steps_per_epoch,
+                    name="last"):
+    """Checkpoint (collective: every rank hands its RNG states to rank 0) to continue at (epoch, next_step).
+    Its official `epoch` is the last complete epoch, so the original code restarts an unfinished one.
+    A failed write (disk full, ...) is reported and the previous checkpoint stays."""
+    rng = [rng_state()]
+    if misc.is_dist_avail_and_initialized():
+        rng = [None] * misc.get_world_size()
+        torch.distributed.all_gather_object(rng, rng_state())
+    complete = next_step == steps_per_epoch
+    resume_state = {"epoch": epoch + 1 if complete else epoch, "step": 0 if complete else next_step, "rng": rng}
+    if misc.is_main_process():
+        path = os.path.join(args.output_dir, f"checkpoint-{name}.pth")
+        try:
+            save_checkpoint(path, model_without_ddp, optimizer, epoch if complete else epoch - 1, args, resume_state)
+        except OSError as e:
+            print(f"ERROR: could not write {path} ({e}); the previous checkpoint is kept", force=True)
+            return False
+    if stop_requests is not None:
+        stop_requests.saved()
+    return True
+
+
+def check_output_dir(output_dir):
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        probe = os.path.join(output_dir, f".write_test.{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"--output_dir {output_dir}: not writable ({e.strerror or e})")
+
+
+def check_config(args):
+    """Flag values that cannot work, reported before any work."""
+    patch_size = JiT_models[args.model].keywords["patch_size"]
+    if args.img_size % patch_size != 0:
+        raise SystemExit(f"--img_size {args.img_size} is not a multiple of the patch size {patch_size} of {args.model}")
     if args.evaluate_gen or args.online_eval:
         if not is_text_model(args) and args.num_images % args.class_num != 0:
             raise SystemExit(f"--num_images {args.num_images} is not a multiple of --class_num {args.class_num}")
         args.fid_stats = args.fid_stats or os.path.join(
             os.path.dirname(os.path.abspath(__file__)), "fid_stats", f"jit_in{args.img_size}_stats.npz")
-        fid.load_stats(args.fid_stats)  # fail now, not after hours of training
-    os.makedirs(args.output_dir, exist_ok=True)
-    log_writer = SummaryWriter(log_dir=args.output_dir) if misc.is_main_process() else None
+        try:
+            fid.load_stats(args.fid_stats)  # fail now, not after hours of training
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"--fid_stats: {e}")
+    check_output_dir(args.output_dir)
 
-    try:
-        model = Denoiser(args).to(device)
-    except ValueError as e:
-        raise SystemExit(f"--model {args.model} --img_size {args.img_size}: {e}")
+
+def main(args):
+    misc.init_distributed_mode(args)
+    check_config(args)
+    device = misc.resolve_device(args)
+    misc.seed_everything(args.seed + misc.get_rank())
+    log_writer = SummaryWriter(log_dir=args.output_dir) if misc.is_main_process() else None
+    if misc.is_main_process():
+        remove_stale_temporaries(args.output_dir)
+
+    model = Denoiser(args).to(device)
     model_without_ddp = model
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{args.model}: {num_params / 1e6:.2f}M trainable parameters")
@@ -229,7 +304,7 @@ def main(args):
     print(f"lr {args.lr:.2e} (blr {args.blr:.2e}, effective batch {eff_batch_size})")
     optimizer = torch.optim.AdamW(misc.param_groups_weight_decay(model_without_ddp, args.weight_decay),
                                   lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
-    resume(args, model_without_ddp, optimizer)
+    start_epoch, start_step = resume(args, model_without_ddp, optimizer)
 
     text = is_text_model(args)
     dataset = None
@@ -241,29 +316,38 @@ def main(args):
     if args.evaluate_gen or args.online_eval:
         inception = fid.load_inception(args.inception_weights, device)
     if args.evaluate_gen:
-        evaluate_sweep(model_without_ddp, args, args.start_epoch - 1, log_writer, device, inception, eval_label_ids)
+        evaluate_sweep(model_without_ddp, args, start_epoch - 1, log_writer, device, inception, eval_label_ids)
         return
 
     data_loader = build_train_loader(args, dataset)
+    steps_per_epoch = data_loader.sampler.num_samples // args.batch_size
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    stop_requests = StopRequests(args.save_every_minutes, device)
+    save = functools.partial(save_for_resume, args, model_without_ddp, optimizer, stop_requests,
+                             steps_per_epoch=steps_per_epoch)
 
-    print(f"training epochs {args.start_epoch}..{args.epochs - 1}")
+    print(f"training epochs {start_epoch}..{args.epochs - 1}")
     start_time = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
-        data_loader.sampler.set_epoch(epoch)
-        train_one_epoch(model, model_without_ddp, data_loader, optimizer, device, epoch, log_writer, args)
+    for epoch in range(start_epoch, args.epochs):
+        first_step = start_step if epoch == start_epoch else 0
+        data_loader.sampler.set_epoch(epoch, start_index=first_step * args.batch_size)
+        try:
+            train_one_epoch(model, model_without_ddp, data_loader, optimizer, device, epoch, log_writer, args,
+                            start_step=first_step, stop_requests=stop_requests, save_for_resume=save)
+        except Preempted as e:
+            print(f"preempted ({stop_requests.signal_received}) at {e}: checkpoint-last.pth saved; "
+                  f"exiting with status {PREEMPTED_EXIT_CODE}", force=True)
+            sys.exit(PREEMPTED_EXIT_CODE)
         last_epoch = epoch + 1 == args.epochs
-        if misc.is_main_process():
-            if epoch % args.save_last_freq == 0 or last_epoch:
-                save_checkpoint(os.path.join(args.output_dir, "checkpoint-last.pth"),
-                                model_without_ddp, optimizer, epoch, args)
-            if epoch % 100 == 0 and epoch > 0:
-                save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"),
-                                model_without_ddp, optimizer, epoch, args)
+        if epoch % args.save_last_freq == 0 or last_epoch:
+            save(epoch, steps_per_epoch)
+        if epoch % 100 == 0 and epoch > 0:
+            save(epoch, steps_per_epoch, name=str(epoch))
         if args.online_eval and (epoch % args.eval_freq == 0 or last_epoch):
-            evaluate_sweep(model_without_ddp, args, epoch, log_writer, device, inception, eval_label_ids)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                evaluate_sweep(model_without_ddp, args, epoch, log_writer, device, inception, eval_label_ids)
         if log_writer is not None:
             log_writer.flush()
     print(f"training time {time.strftime('%H:%M:%S', time.gmtime(time.time() - start_time))}")

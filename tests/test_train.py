@@ -56,7 +56,10 @@ def test_torchrun_train_resume_evaluate(image_folder, tmp_path):
     log = run(torchrun(*common, "--epochs", 2, "--save_last_freq", 1))
     assert "Epoch [1] [2/2]" in log  # 16 images / (2 ranks x 4) = 2 steps per epoch
     ckpt = read_checkpoint(out / "checkpoint-last.pth")
-    assert set(ckpt) == {"model", "model_ema1", "model_ema2", "optimizer", "epoch", "args"}
+    # the official keys, plus resume_state beside them (ignored by the original code)
+    assert set(ckpt) == {"model", "model_ema1", "model_ema2", "optimizer", "epoch", "args", "resume_state"}
+    assert ckpt["resume_state"]["epoch"] == 2 and ckpt["resume_state"]["step"] == 0
+    assert len(ckpt["resume_state"]["rng"]) == 2  # both ranks' RNG states
     assert ckpt["epoch"] == 1
     expected_keys = list(Denoiser(tiny_args()).state_dict())
     for key in ("model", "model_ema1", "model_ema2"):
@@ -67,7 +70,7 @@ def test_torchrun_train_resume_evaluate(image_folder, tmp_path):
     assert set(steps) == {4.0}
 
     log = run(torchrun(*common, "--epochs", 3, "--resume", out))
-    assert "continuing at epoch 2" in log and "Epoch [2] [2/2]" in log and "Epoch [1]" not in log
+    assert "continuing at epoch 2 step 0" in log and "Epoch [2] [2/2]" in log and "Epoch [1]" not in log
     resumed = read_checkpoint(out / "checkpoint-last.pth")
     assert resumed["epoch"] == 2
     # the optimizer state came back: Adam's step counter continues from 4 instead of restarting at 0

