@@ -41,8 +41,8 @@ def random_flip(x):
 
 def train_one_epoch(model, model_without_ddp, data_loader, optimizer, device, epoch, log_writer, args,
                     start_step=0, stop_requests=None, save_for_resume=None):
-    """Train from step start_step of the epoch to its end. Every stop_requests.check_every steps the ranks agree
-    on a periodic save (--save_every_minutes) or a preemption (save, then raise Preempted)."""
+    """Train from step start_step of the epoch to its end. After every step the ranks agree (stop_requests) on a
+    periodic save (--save_every_minutes) or a preemption (save, then raise Preempted)."""
     model.train(True)
     steps_per_epoch = data_loader.sampler.num_samples // args.batch_size
     no_bad_step = 2 ** 62
@@ -80,7 +80,7 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, device, ep
             loss_sum.zero_()
             interval_start, interval_steps = time.time(), 0
         if stop_requests is not None:
-            preempt, periodic = stop_requests.poll(step)
+            preempt, periodic = stop_requests.poll()
             if preempt or periodic:
                 check_finite(first_bad_step, epoch)  # never write a checkpoint with diverged weights
                 save_for_resume(epoch, step + 1)

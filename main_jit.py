@@ -238,6 +238,9 @@ def save_for_resume(args, model_without_ddp, optimizer, stop_requests, epoch, ne
     """Checkpoint (collective: every rank hands its RNG states to rank 0) to continue at (epoch, next_step).
     Its official `epoch` is the last complete epoch, so the original code restarts an unfinished one.
     A failed write (disk full, ...) is reported and the previous checkpoint stays."""
+    if not all(torch.isfinite(p).all() for p in model_without_ddp.parameters()):  # same weights on every rank
+        raise SystemExit(f"non-finite weights at epoch {epoch} step {next_step}: training stopped before any "
+                         f"checkpoint was written with these weights")
     rng = [rng_state()]
     if misc.is_dist_avail_and_initialized():
         rng = [None] * misc.get_world_size()
@@ -324,7 +327,7 @@ def main(args):
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    stop_requests = StopRequests(args.save_every_minutes, device)
+    stop_requests = StopRequests(args.save_every_minutes)
     save = functools.partial(save_for_resume, args, model_without_ddp, optimizer, stop_requests,
                              steps_per_epoch=steps_per_epoch)
 

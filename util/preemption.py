@@ -1,7 +1,7 @@
 """Stop requests: SIGTERM / SIGUSR1 (what SLURM and Kubernetes send before killing a job) and --save_every_minutes.
 
-Every rank must save and stop at the same step, so the decision is one tiny all_reduce every `check_every` steps
-(a host sync there only); a single process checks its flags at every step for free.
+Every rank must save and stop at the same step: see StopRequests. Under torchrun, a SIGTERM to the launcher is
+forwarded to every rank, which then has 30 s (torchrun's grace period) to finish its step and save.
 """
 import signal
 import time
@@ -12,8 +12,6 @@ import torch.distributed as dist
 import util.misc as misc
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; a job script can requeue on it
-
-
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -29,12 +27,18 @@ class Preempted(Exception):
 
 
 class StopRequests:
-    def __init__(self, save_every_minutes, device, check_every=10):
+    """Agreement of every rank on when to save and stop, polled once per training step.
+
+    Ranks exchange their flags with an asynchronous all_reduce on a CPU (gloo) group: started at one step and read
+    at the next, so it neither waits on the GPU nor stalls the step; all ranks act on the same step.
+    """
+
+    def __init__(self, save_every_minutes):
         self.signal_received = None
         self.save_every_s = save_every_minutes * 60 if save_every_minutes else None
         self.last_save = time.time()
-        self.device = device
-        self.check_every = check_every if misc.is_dist_avail_and_initialized() else 1
+        self.group = dist.new_group(backend="gloo") if misc.is_dist_avail_and_initialized() else None
+        self.pending = None  # (work, flags tensor) of the exchange started at the previous step
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
 
@@ -45,14 +49,22 @@ class StopRequests:
     def saved(self):
         self.last_save = time.time()
 
-    def poll(self, step):
-        """(preempt, periodic_save) agreed by every rank; evaluated every check_every steps."""
-        if (step + 1) % self.check_every != 0:
-            return False, False
+    def _local_flags(self):
         time_due = self.save_every_s is not None and time.time() - self.last_save >= self.save_every_s
-        flags = [self.signal_received is not None, time_due and misc.is_main_process()]
-        if misc.is_dist_avail_and_initialized():
-            flags = torch.tensor(flags, dtype=torch.int32, device=self.device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            flags = flags.tolist()
-        return bool(flags[0]), bool(flags[1])
+        return [int(self.signal_received is not None), int(time_due and misc.is_main_process())]
+
+    def poll(self):
+        """(preempt, periodic_save), the same on every rank."""
+        if self.group is None:
+            preempt, periodic = self._local_flags()
+            return bool(preempt), bool(periodic)
+        decision = (False, False)
+        if self.pending is not None:
+            work, flags = self.pending
+            work.wait()
+            decision = (bool(flags[0]), bool(flags[1]))
+        self.pending = None
+        if not decision[0]:
+            flags = torch.tensor(self._local_flags(), dtype=torch.int32)
+            self.pending = (dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flags)
+        return decision
