@@ -27,7 +27,6 @@ A readable table is printed, then one final line holding a JSON object with all 
 """
 import argparse
 import json
-import math
 import os
 import platform
 import re
@@ -37,7 +36,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 if ROOT not in sys.path:
@@ -120,8 +118,8 @@ def train_flops(s: JiTShape):
 def sampling_evaluations(denoiser, steps=None, method=None):
     """Network evaluations per image of Denoiser.generate, a cond+null (CFG) pass counting as 2.
 
-    Mirrors generate(): steps-1 Heun (or Euler) steps on the grid i/steps, then one final Euler step; Denoiser.cfg_weight
-    decides at each queried time whether the null pass runs (it is skipped where the weight is 1).
+    Mirrors generate(): steps-1 Heun (or Euler) steps on the grid i/steps, then one final Euler step;
+    Denoiser.cfg_weight decides at each queried time whether the null pass runs (it is skipped where the weight is 1).
     """
     steps = denoiser.num_sampling_steps if steps is None else steps
     method = denoiser.sampling_method if method is None else method
@@ -183,6 +181,13 @@ def device_name(device):
     except OSError:
         pass
     return f"{name} ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()})"
+
+
+def _cpu_seconds():
+    """User + system CPU time of this process. On a CPU, (CPU seconds) / (wall seconds x threads) of a phase well
+    below 1 means other processes took cores from the benchmark, and its rates are then too low."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _status_kib(field):
@@ -257,7 +262,7 @@ def measure_gemm_peak(device, dtype, sizes, min_time=1.0, max_call_s=20.0, log=p
                 continue
             fn()
             synchronize(device)
-            iters, start = 0, time.perf_counter()
+            iters, start, cpu0 = 0, time.perf_counter(), _cpu_seconds()
             while True:
                 fn()
                 iters += 1
@@ -268,10 +273,12 @@ def measure_gemm_peak(device, dtype, sizes, min_time=1.0, max_call_s=20.0, log=p
                 if elapsed >= min_time:
                     break
             rate = flops * iters / elapsed
+            util = (_cpu_seconds() - cpu0) / (elapsed * torch.get_num_threads()) if device.type == "cpu" else None
             rate_by_layout[layout] = rate
-            results.append(dict(size=n, layout=layout, iters=iters, seconds=elapsed, flops_per_s=rate))
-            log(f"  gemm {n:5d} {layout}: {rate / 1e9:10.2f} GFLOP/s ({iters} calls, {elapsed:.2f} s)")
-        del a, b
+            results.append(dict(size=n, layout=layout, iters=iters, seconds=elapsed, flops_per_s=rate,
+                                cpu_util=util))
+            log(f"  gemm {n:5d} {layout}: {rate / 1e9:10.2f} GFLOP/s ({iters} calls, {elapsed:.2f} s"
+                + ("" if util is None else f", cpu util {util:.2f}") + ")")
     best = max(results, key=lambda r: r["flops_per_s"]) if results else None
     return best, results
 
@@ -329,7 +336,7 @@ def run_train(args, model, optimizer, cond_impl, device, log):
             loss = train_step(model, optimizer, cond_impl, x, cond, device, args.precision)
             synchronize(device)
             log(f"  train warm-up {i + 1}/{args.train_warmup}: {time.perf_counter() - start:.2f} s")
-        times = []
+        times, cpu0 = [], _cpu_seconds()
         for i in range(args.train_iters):
             start = time.perf_counter()
             loss = train_step(model, optimizer, cond_impl, x, cond, device, args.precision)
@@ -337,9 +344,10 @@ def run_train(args, model, optimizer, cond_impl, device, log):
             times.append(time.perf_counter() - start)
             log(f"  train step {i + 1}/{args.train_iters}: {times[-1]:.2f} s (loss {loss.item():.4f})")
     total = sum(times)
-    return dict(train_step_s=total / len(times), train_step_s_min=min(times),
+    cpu_util = (_cpu_seconds() - cpu0) / (total * torch.get_num_threads()) if device.type == "cpu" else None
+    return dict(train_cpu_util=cpu_util, train_step_s=total / len(times), train_step_s_min=min(times),
                 train_images_per_s=args.batch_size * len(times) / total, train_loss=float(loss.item()),
-                train_peak_mem_bytes=mem.peak, train_peak_mem_delta_bytes=mem.delta, mem_kind=mem.kind)
+                train_peak_mem_bytes=mem.peak, train_peak_mem_delta_bytes=mem.delta, peak_mem_kind=mem.kind)
 
 
 class _RowCounter:
@@ -371,7 +379,7 @@ def run_sample(args, model, cond_impl, device, log):
             model.num_sampling_steps = steps
             log(f"  sample warm-up {i + 1}/{args.sample_warmup} (2 steps): {time.perf_counter() - start:.2f} s")
         counter = None if args.compile else _RowCounter(model.net)
-        times = []
+        times, cpu0 = [], _cpu_seconds()
         for i in range(args.sample_iters):
             start = time.perf_counter()
             with autocast(device, args.precision):
@@ -383,12 +391,14 @@ def run_sample(args, model, cond_impl, device, log):
             counter.remove()
     assert images.shape == (args.gen_bsz, 3, args.img_size, args.img_size)
     total = sum(times)
+    cpu_util = (_cpu_seconds() - cpu0) / (total * torch.get_num_threads()) if device.type == "cpu" else None
     evals = sampling_evaluations(model)
     counted = None if counter is None else counter.rows / (args.gen_bsz * len(times))
-    return dict(sample_batch_s=total / len(times), sample_images_per_s=args.gen_bsz * len(times) / total,
+    return dict(sample_cpu_util=cpu_util, sample_batch_s=total / len(times),
+                sample_images_per_s=args.gen_bsz * len(times) / total,
                 sample_evals_per_image=evals, sample_evals_per_image_counted=counted,
                 sample_s_per_eval_batch=total / len(times) / evals,
-                sample_peak_mem_bytes=mem.peak, sample_peak_mem_delta_bytes=mem.delta)
+                sample_peak_mem_bytes=mem.peak, sample_peak_mem_delta_bytes=mem.delta, peak_mem_kind=mem.kind)
 
 
 # ============================================================================================ main
@@ -420,7 +430,7 @@ def get_parser():
     g.add_argument("--lr", default=1e-4, type=float)
     g.add_argument("--weight_decay", default=0.0, type=float)
     g.add_argument("--optimizer_impl", default="auto", choices=["auto", "forloop", "foreach", "fused"],
-                   help="AdamW implementation; auto = main_jit.py's choice (fused on CUDA, PyTorch's default elsewhere)")
+                   help="AdamW implementation; auto = main_jit.py's choice (fused on CUDA, torch's default elsewhere)")
     g = p.add_argument_group("sampling")
     g.add_argument("--gen_bsz", default=4, type=int, help="sampling batch size (labels; CFG doubles the net batch)")
     g.add_argument("--sampling_method", default="heun", choices=["euler", "heun"])
@@ -475,6 +485,12 @@ def main(argv=None):
                precision=args.precision, attn_impl=args.attn_impl, compile=args.compile,
                threads=torch.get_num_threads(), torch=torch.__version__, optimizer_impl=args.optimizer_impl,
                loadavg_start=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+    if args.train_iters < 1 or args.sample_iters < 1:
+        raise SystemExit("--train_iters and --sample_iters must be >= 1 (skip a phase with --skip_train/--skip_sample)")
+    if device.type == "cpu" and args.precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        rec["warning"] = ("this CPU has no native bf16 matmul (no AVX-512 BF16 / AMX): bf16 GEMMs are emulated and "
+                          "much slower than fp32; --precision fp32 is the fast choice here")
+        log(f"WARNING: {rec['warning']}")
     log(f"JiT benchmark: {args.model} @ {args.img_size} px, {rec['device_name']}, {args.precision}"
         f"{', compiled' if args.compile else ''}, torch {torch.__version__}")
 
@@ -542,6 +558,7 @@ def main(argv=None):
         rows += [("train images/s", f"{rec['train_images_per_s']:.3f}"),
                  ("train step", f"{rec['train_step_s']:.3f} s (batch {args.batch_size})"),
                  ("train model FLOP/s", fmt_rate(rec["train_flops_per_s"])),
+                 ("train cpu util", "-" if rec["train_cpu_util"] is None else f"{rec['train_cpu_util']:.2f}"),
                  ("train / GEMM peak", "-" if peak is None else f"{100 * rec['train_frac_of_peak']:.1f} %"),
                  ("train peak memory", f"{fmt_bytes(rec['train_peak_mem_bytes'])}"
                   + (f" (+{fmt_bytes(rec['train_peak_mem_delta_bytes'])})"
@@ -551,14 +568,15 @@ def main(argv=None):
                  ("sample images/s Heun-50 est", f"{rec['sample_images_per_s_heun50_est']:.4f} "
                                                  f"({rec['heun50_evals_per_image']} evals/img)"),
                  ("sample model FLOP/s", fmt_rate(rec["sample_flops_per_s"])),
+                 ("sample cpu util", "-" if rec["sample_cpu_util"] is None else f"{rec['sample_cpu_util']:.2f}"),
                  ("sample / GEMM peak", "-" if peak is None else f"{100 * rec['sample_frac_of_peak']:.1f} %"),
                  ("sample peak memory", f"{fmt_bytes(rec['sample_peak_mem_bytes'])}"
                   + (f" (+{fmt_bytes(rec['sample_peak_mem_delta_bytes'])})"
                      if rec["sample_peak_mem_delta_bytes"] is not None else ""))]
     for name, value in rows:
         log(f"{name:28s}{value:>24s}" if len(value) <= 24 else f"{name:28s}{value}")
-    if "mem_kind" in rec:
-        log(f"(memory: {rec['mem_kind']})")
+    if "peak_mem_kind" in rec:
+        log(f"(memory: {rec['peak_mem_kind']})")
 
     if args.profile:
         profile(args, model, optimizer, cond_impl, device, log)

@@ -60,9 +60,26 @@ def test_published_config_matches_spec_table(name):
         assert 1.95e9 < n < 2.05e9
 
 
-@pytest.mark.parametrize("name", sorted(set(JiT_models) - set(SPEC_CONFIGS)) + ["JiT-B/16", "JiT-B/32"])
+PUBLISHED_TEXT = {f"{name}-Text" for name in SPEC_CONFIGS}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_TEXT & set(JiT_models)))
+def test_published_text_variant_builds_with_the_same_network(name):
+    base = name[: -len("-Text")]
+    patch = SPEC_CONFIGS[base][5]
+    img = 256 if patch == 16 else 512
+    with torch.device("meta"):
+        net = JiT_models[name](input_size=img, num_classes=1000)
+    count = SPEC_CONFIGS[base][7]
+    assert len(net.blocks) == SPEC_CONFIGS[base][0]
+    if count is not None:
+        assert trainable(net) == count
+
+
+@pytest.mark.parametrize("name", sorted(set(JiT_models) - set(SPEC_CONFIGS) - PUBLISHED_TEXT)
+                         + ["JiT-B/16", "JiT-B/32"])
 def test_registered_config_builds_and_runs_on_meta(name):
-    # the published configs are all built in test_published_config_matches_spec_table
+    # the published configs (and their -Text variants) are built in the two tests above
     with torch.device("meta"):
         net = JiT_models[name](input_size=256, num_classes=1000)
         x = torch.empty(2, 3, 256, 256)

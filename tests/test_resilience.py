@@ -133,17 +133,17 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted_run(image_folder, tmp
 def test_sigterm_under_torchrun_saves_and_exits_with_documented_status(image_folder, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main_jit.py",
-           *TINY, "--data_path", str(image_folder), "--output_dir", str(out), "--batch_size", "2",
+           *TINY, "--data_path", str(image_folder), "--output_dir", str(out), "--batch_size", "1",
            "--num_workers", "1", "--epochs", "50", "--log_freq", "1"]
     run = Running(cmd)
-    assert run.wait_for(lambda log: "Epoch [0] [2/4]" in log, poll=0.05), run.log
+    assert run.wait_for(lambda log: "Epoch [0] [2/8]" in log, poll=0.05), run.log
     run.proc.send_signal(signal.SIGTERM)  # to the launcher, as Kubernetes does; torchrun forwards it to the ranks
     assert run.finish() == 1  # torchrun itself, having been signalled, exits 1 after its ranks exit 75
     log = run.log
     assert log.count(f"exiting with status {PREEMPTED_EXIT_CODE}") == 2, log
     ckpt = read_checkpoint(out / "checkpoint-last.pth")
     state = ckpt["resume_state"]
-    assert state["epoch"] == 0 and 2 <= state["step"] < 4 and ckpt["epoch"] == -1  # mid-epoch
+    assert state["epoch"] == 0 and 2 <= state["step"] < 8 and ckpt["epoch"] == -1  # mid-epoch
     assert len(state["rng"]) == 2
     resumed = subprocess.run(cmd[:-4] + ["--epochs", "1", "--resume", str(out), "--log_freq", "1"], cwd=REPO,
                              capture_output=True, text=True, timeout=300)

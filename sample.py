@@ -1,0 +1,242 @@
+"""Sample images from a JiT checkpoint (ours or the official release layout): a grid PNG or individual PNGs.
+
+    python sample.py --checkpoint demo_output/train --classes 0,3,8 --per_class 8 --ema 2 --out grid.png
+    python sample.py --checkpoint jit-b-16.pth --cfg 3.0 --interval_min 0.1 --num_images 16 --out samples/
+    python sample.py --checkpoint text_run --prompts "手書きの数字3" "a handwritten digit 7" --out grid.png
+
+The network is rebuilt from the `args` saved in the checkpoint (model, img_size, class_num, sampler settings);
+any flag given here overrides the saved value. --out ending in .png writes a grid (one row per class or prompt
+with --per_class); anything else is a folder that receives one PNG per image. -Text checkpoints need their LLM
+(--llm_model_name, default the one saved in the checkpoint) and embed the prompts once into the caption cache.
+"""
+import argparse
+import inspect
+import os
+import sys
+
+import torch
+
+# the ImageNet classes of the DiT/JiT sample figures, used as the default for 1000-class models
+IMAGENET_SHOWCASE = [207, 360, 387, 974, 88, 979, 417, 279]
+SAMPLER_FLAGS = ("cfg", "interval_min", "interval_max", "num_sampling_steps", "sampling_method", "precision")
+MODEL_FLAGS = ("model", "img_size", "class_num", "llm_model_name", "max_text_len")
+
+
+def fail(message):
+    raise SystemExit(f"sample.py: error: {message}")
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("JiT sampling", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="checkpoint .pth, or a folder holding checkpoint-last.pth")
+    what = parser.add_argument_group("what to draw (class models: --classes; -Text models: --prompts/--prompts_file)")
+    what.add_argument("--classes", default=None,
+                      help="comma-separated class indices, e.g. 0,1,2 (default: every class when there are at most "
+                           "16, else a spread of 8)")
+    what.add_argument("--prompts", nargs="+", default=None, help="captions for a -Text model")
+    what.add_argument("--prompts_file", default=None, help="captions for a -Text model, one per line")
+    count = what.add_mutually_exclusive_group()
+    count.add_argument("--per_class", type=int, default=None,
+                       help="images per class or prompt (default 8); a grid gets one row per class or prompt")
+    count.add_argument("--num_images", type=int, default=None,
+                       help="total number of images, cycling through the classes or prompts")
+    sampler = parser.add_argument_group("sampler (default: the values saved in the checkpoint)")
+    sampler.add_argument("--ema", type=int, choices=[0, 1, 2], default=None,
+                         help="weights: 1 or 2 = EMA track, 0 = live (trained) weights "
+                              "(default: the checkpoint's --eval_ema, else 1)")
+    sampler.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
+    sampler.add_argument("--interval_min", type=float, default=None, help="CFG applies for interval_min < t ...")
+    sampler.add_argument("--interval_max", type=float, default=None, help="... and t < interval_max")
+    sampler.add_argument("--num_sampling_steps", type=int, default=None)
+    sampler.add_argument("--sampling_method", choices=["euler", "heun"], default=None)
+    sampler.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="autocast dtype")
+    sampler.add_argument("--seed", type=int, default=0)
+    sampler.add_argument("--gen_bsz", type=int, default=32, help="images per network batch")
+    model = parser.add_argument_group("model (default: the values saved in the checkpoint)")
+    model.add_argument("--model", default=None, help="model config, for checkpoints without saved args")
+    model.add_argument("--img_size", type=int, default=None)
+    model.add_argument("--class_num", type=int, default=None)
+    model.add_argument("--llm_model_name", default=None, help="hub name or local folder of the LLM (-Text models)")
+    model.add_argument("--max_text_len", type=int, default=None)
+    model.add_argument("--text_cache_dir", default=None,
+                       help="cache of pooled caption features (default $JIT_CACHE_DIR or ~/.cache/jit)")
+    parser.add_argument("--device", default=None, help="cuda, cpu or mps (default: cuda if available, else cpu)")
+    parser.add_argument("--out", default="samples.png",
+                        help="a .png path for a grid, or a folder for individual PNGs")
+    parser.add_argument("--nrow", type=int, default=None,
+                        help="grid columns (default: --per_class, or the number of classes with --num_images)")
+    return parser
+
+
+def checkpoint_path(path):
+    if os.path.isdir(path):
+        candidate = os.path.join(path, "checkpoint-last.pth")
+        if not os.path.isfile(candidate):
+            fail(f"checkpoint not found: the folder {path} has no checkpoint-last.pth")
+        return candidate
+    if not os.path.isfile(path):
+        fail(f"checkpoint not found: {path}")
+    return path
+
+
+def model_args(saved, cli):
+    """main_jit.py's defaults, updated with the checkpoint's saved args, then with the flags given here."""
+    from main_jit import get_args_parser as main_parser
+
+    args = main_parser().parse_args([])
+    if saved is not None:
+        for key, value in (vars(saved) if isinstance(saved, argparse.Namespace) else dict(saved)).items():
+            setattr(args, key, value)
+    for key in MODEL_FLAGS + SAMPLER_FLAGS + ("gen_bsz", "text_cache_dir"):
+        if getattr(cli, key) is not None:
+            setattr(args, key, getattr(cli, key))
+    args.device = cli.device
+    return args
+
+
+def parse_classes(text, class_num):
+    try:
+        classes = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        fail(f"--classes {text}: expected comma-separated class indices, e.g. 0,1,2")
+    if not classes:
+        fail(f"--classes {text}: no class index given")
+    bad = [c for c in classes if not 0 <= c < class_num]
+    if bad:
+        fail(f"--classes {text}: class index {bad[0]} is out of range; this checkpoint has class_num {class_num} "
+             f"(valid classes 0..{class_num - 1})")
+    return classes
+
+
+def default_classes(class_num):
+    if class_num <= 16:
+        return list(range(class_num))
+    if class_num == 1000:
+        return IMAGENET_SHOWCASE
+    return sorted({round(i * (class_num - 1) / 7) for i in range(8)})
+
+
+def read_prompts(cli):
+    prompts = list(cli.prompts or [])
+    if cli.prompts_file:
+        try:
+            with open(cli.prompts_file, encoding="utf-8") as f:
+                prompts += [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"--prompts_file {cli.prompts_file}: {e}")
+    prompts = [p.strip() for p in prompts]
+    if any(not p for p in prompts) or not prompts:
+        fail("empty prompt: give non-empty captions with --prompts or --prompts_file")
+    return prompts
+
+
+def write_grid(images, path, nrow, captions=None):
+    """engine_jit.save_grid when it can lay out nrow columns, else the same PNG (and caption list) with nrow."""
+    from engine_jit import save_grid
+
+    if nrow == 8 or "nrow" in inspect.signature(save_grid).parameters:
+        kwargs = {} if nrow == 8 else {"nrow": nrow}
+        return save_grid(images, path, captions, **kwargs)
+    from torchvision.utils import save_image
+
+    save_image(images.float() / 255, path, nrow=nrow)
+    if captions is not None:
+        with open(os.path.splitext(path)[0] + ".txt", "w", encoding="utf-8") as f:
+            f.writelines(f"row {i // nrow} col {i % nrow}: {c}\n" for i, c in enumerate(captions))
+
+
+def main(argv=None):
+    cli = get_args_parser().parse_args(argv)
+    for name in ("per_class", "num_images", "gen_bsz", "num_sampling_steps", "nrow"):
+        value = getattr(cli, name)
+        if value is not None and value < 1:
+            fail(f"--{name} must be at least 1, got {value}")
+    path = checkpoint_path(cli.checkpoint)
+    cli.device = cli.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    import util.misc as misc
+    from denoiser import Denoiser, is_text_model
+    from engine_jit import generate_uint8
+    from util.checkpoint import load_checkpoint, read_checkpoint
+
+    try:
+        checkpoint = read_checkpoint(path)
+    except Exception as e:  # a file that is not a torch checkpoint
+        fail(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})")
+    saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    if saved is None and (cli.model is None or cli.img_size is None or cli.class_num is None):
+        fail(f"{path} has no saved 'args': give --model, --img_size and --class_num")
+    args = model_args(saved, cli)
+    text = is_text_model(args)
+    if text and cli.classes is not None:
+        fail(f"{path} is a text-to-image model ({args.model}): give --prompts or --prompts_file, not --classes")
+    if not text and (cli.prompts or cli.prompts_file):
+        fail(f"{path} is a class-conditional model ({args.model}, class_num {args.class_num}): --prompts and "
+             f"--prompts_file need a -Text checkpoint; use --classes")
+    ema = cli.ema if cli.ema is not None else getattr(saved, "eval_ema", 1) if saved is not None else 1
+    device = misc.resolve_device(argparse.Namespace(device=cli.device, distributed=False, gpu=0))
+
+    try:
+        model = Denoiser(args)
+    except (ValueError, OSError, KeyError) as e:
+        hint = f" (LLM {args.llm_model_name}: set --llm_model_name to a local folder)" if text else ""
+        fail(f"cannot build {args.model} at img_size {args.img_size}{hint}: {str(e).splitlines()[0]}")
+    try:
+        load_checkpoint(model, path)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    model.to(device)
+    del checkpoint
+
+    if text:
+        from util.text_cache import embed_captions
+
+        targets = read_prompts(cli)
+        encoder = model.net.y_embedder.encoder
+        cache = args.text_cache_dir or os.path.join(misc.cache_dir(), "text_features")
+        features = embed_captions(encoder, targets, cache) if encoder.freeze else None
+        model.net.y_embedder.set_captions(targets, features)
+        ids = list(range(len(targets)))
+    else:
+        ids = parse_classes(cli.classes, args.class_num) if cli.classes is not None else default_classes(args.class_num)
+        targets = ids
+    if cli.num_images is not None:
+        labels = [ids[i % len(ids)] for i in range(cli.num_images)]
+        nrow = cli.nrow or (len(ids) if len(ids) <= 16 else 8)
+    else:
+        per_class = cli.per_class or 8
+        labels = [i for i in ids for _ in range(per_class)]
+        nrow = cli.nrow or per_class
+
+    misc.seed_everything(cli.seed)
+    weights = "live weights" if ema == 0 else f"EMA track {ema} (decay {model.ema_decays[ema - 1]:g})"
+    print(f"{args.model} @ {args.img_size}px from {path}: {len(labels)} images, {weights}, {args.sampling_method} "
+          f"{args.num_sampling_steps} steps, cfg {args.cfg:g} on ({args.interval_min:g}, {args.interval_max:g}), "
+          f"{args.precision} on {device}", flush=True)
+    chunks = []
+    with (model.ema_weights(ema) if ema else torch.no_grad()):
+        generate_uint8(model, torch.tensor(labels), device, args, lambda images, _: chunks.append(images))
+    images = torch.cat(chunks)
+
+    captions = [targets[i] for i in labels] if text else None
+    if cli.out.lower().endswith(".png"):
+        os.makedirs(os.path.dirname(os.path.abspath(cli.out)), exist_ok=True)
+        write_grid(images, cli.out, nrow, captions)
+        print(f"wrote a {len(images)}-image grid ({nrow} columns) to {cli.out}")
+        return
+    from torchvision.utils import save_image
+
+    os.makedirs(cli.out, exist_ok=True)
+    names = []
+    for n, (image, label) in enumerate(zip(images, labels)):
+        name = f"{n:04d}_prompt{label}.png" if text else f"{n:04d}_class{label}.png"
+        save_image(image.float() / 255, os.path.join(cli.out, name))
+        names.append(name)
+    if text:
+        with open(os.path.join(cli.out, "prompts.txt"), "w", encoding="utf-8") as f:
+            f.writelines(f"{name}: {targets[label]}\n" for name, label in zip(names, labels))
+    print(f"wrote {len(images)} PNGs to {cli.out}")
+
+
+if __name__ == "__main__":
+    main()
