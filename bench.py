@@ -22,6 +22,9 @@ Measured, in one run, with warm-up iterations excluded from every timing:
     EMA, optimizer state, activations); CPU the process peak RSS (VmHWM, reset before the phase through
     /proc/self/clear_refs; where that is unavailable, getrusage ru_maxrss, the peak of the whole process so far)
     and its increase over the RSS at the start of the phase; MPS the driver-allocated memory at the end of the phase.
+    The CPU allocator keeps memory freed by an earlier phase, so the sampling phase's figures after training are
+    not its own: measure sampling memory with --skip_train. The CPU-utilisation figures (process CPU seconds /
+    (wall seconds x threads)) tell whether other processes took cores from the run (then well below 1).
 
 A readable table is printed, then one final line holding a JSON object with all the figures.
 """

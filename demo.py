@@ -149,6 +149,28 @@ def parse_grid(output):
     return found[-1] if found else None
 
 
+def pick_precision(device):
+    """bf16 on CUDA; elsewhere whichever of bf16 / fp32 multiplies JiT-T/4-sized matrices faster here (CPUs without
+    bf16 matrix units, e.g. AVX2-only ones, run bf16 matmuls several times slower than fp32)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return "bf16"
+    if not device.startswith("cpu"):
+        return "fp32"
+    a, w = torch.randn(1024, 192), torch.randn(576, 192)
+
+    def seconds(dtype):
+        x, y = a.to(dtype), w.to(dtype)
+        x @ y.T
+        start = time.perf_counter()
+        for _ in range(5):
+            x @ y.T
+        return time.perf_counter() - start
+
+    return "bf16" if seconds(torch.bfloat16) < seconds(torch.float32) else "fp32"
+
+
 def main_jit_command(train_flip_off):
     """How to launch main_jit.py so that training does not mirror the digits."""
     from main_jit import get_args_parser  # only reads the parser
@@ -247,11 +269,13 @@ def get_args_parser():
     parser.add_argument("--quick", action="store_true",
                         help="tiny smoke run: 10 images per digit, 1 epoch, few samples and sampling steps")
     parser.add_argument("--ref_images", default=None, type=int,
-                        help="reference images for the FID statistics (default 400; 40 with --quick)")
+                        help="reference images for the FID statistics (default 400; 20 with --quick)")
     parser.add_argument("--fid_images", default=None, type=int,
-                        help="generated images per FID evaluation, a multiple of 10 (default 200; 20 with --quick)")
+                        help="generated images per FID evaluation, a multiple of 10 (default 200; 10 with --quick)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="autocast dtype; auto: bf16 on CUDA, on a CPU whichever is faster there")
     parser.add_argument("--cfg", default=1.5, type=float, help="classifier-free guidance scale for the evaluation")
-    parser.add_argument("--num_workers", default=1, type=int, help="DataLoader worker processes")
+    parser.add_argument("--num_workers", default=0, type=int, help="DataLoader worker processes (0: load in the training process)")
     return parser
 
 
@@ -260,14 +284,17 @@ def main(args):
     quick = args.quick
     out = os.path.abspath(args.out or ("./demo_output_quick" if quick else "./demo_output"))
     epochs = args.epochs or (1 if quick else 24)
-    ref_images = args.ref_images or (40 if quick else 400)
-    fid_images = args.fid_images or (20 if quick else 200)
+    ref_images = args.ref_images or (20 if quick else 400)
+    fid_images = args.fid_images or (10 if quick else 200)
     if fid_images % NUM_CLASSES:
         raise SystemExit(f"demo.py: error: --fid_images {fid_images} is not a multiple of {NUM_CLASSES}")
-    steps = "10" if quick else "50"
+    sampler = ["--sampling_method", "euler", "--num_sampling_steps", "4"] if quick else \
+        ["--sampling_method", "heun", "--num_sampling_steps", "50"]
     import torch  # noqa: E402 (after argument parsing: --help stays fast)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    precision = pick_precision(device) if args.precision == "auto" else args.precision
+    print(f"device {device}, precision {precision}")
     env = dict(os.environ, JIT_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     os.makedirs(out, exist_ok=True)
     timings = []
@@ -290,14 +317,14 @@ def main(args):
         print(f"reusing {stats}")
     else:
         run([sys.executable, "prepare_ref.py", "--data_path", folder_root, "--img_size", str(IMG_SIZE),
-             "--stats_out", stats, "--max_images", str(ref_images), "--device", device, "--num_workers", "1"], env)
+             "--stats_out", stats, "--max_images", str(ref_images), "--device", device, "--num_workers", "0"], env)
     timings.append(("reference stats", time.time() - t0))
 
     launcher, flip_flags = main_jit_command(train_flip_off=True)
     common = ["--model", "JiT-T/4", "--img_size", str(IMG_SIZE), "--class_num", str(NUM_CLASSES),
-              "--device", device, "--precision", "bf16", "--ema_decay2", "0.99", "--eval_ema", "2"]
+              "--device", device, "--precision", precision, "--ema_decay2", "0.99", "--eval_ema", "2"]
     evaluation = ["--evaluate_gen", "--fid_stats", stats, "--num_images", str(fid_images),
-                  "--gen_bsz", str(min(fid_images, 100)), "--cfg", str(args.cfg), "--num_sampling_steps", steps]
+                  "--gen_bsz", str(min(fid_images, 100)), "--cfg", str(args.cfg), *sampler]
 
     # 3. untrained model
     t0 = stage("3/6 untrained", "FID of the initial weights")
@@ -310,7 +337,7 @@ def main(args):
     train_dir = os.path.join(out, "train")
     batch = 32 if quick else 64
     steps_per_epoch = num_images // batch
-    t0 = stage("4/6 train", f"JiT-T/4, {epochs} epochs x {steps_per_epoch} steps of {batch} images on {device}")
+    t0 = stage("4/6 train", f"JiT-T/4, {epochs} epochs x {steps_per_epoch} steps of {batch} images on {device} ({precision})")
     if not flip_flags and launcher[1] == "-c":
         print("(main_jit.py has no --no-hflip flag: it is run with its random horizontal flip set to p=0, "
               "since mirrored digits are not digits)")
@@ -330,7 +357,7 @@ def main(args):
     t0 = time.time()
     grid = os.path.join(out, "digits_grid.png")
     run([sys.executable, "sample.py", "--checkpoint", checkpoint, "--per_class", "1" if quick else "10",
-         "--ema", "2", "--cfg", str(args.cfg), "--num_sampling_steps", steps, "--device", device,
+         "--ema", "2", "--cfg", str(args.cfg), *sampler, "--device", device,
          "--out", grid], env)
     timings.append(("sample grid", time.time() - t0))
 

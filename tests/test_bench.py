@@ -74,10 +74,14 @@ def test_train_and_sampling_flop_conventions(make_args):
 
 def test_bench_runs_end_to_end_on_a_tiny_config(capsys, tmp_path):
     out = tmp_path / "bench.json"
-    rec = bench.main(["--model", "JiT-T/4", "--img_size", "32", "--class_num", "10", "--device", "cpu",
-                      "--precision", "fp32", "--batch_size", "2", "--gen_bsz", "2", "--train_iters", "1",
-                      "--train_warmup", "1", "--sampling_steps", "3", "--gemm_sizes", "64,128",
-                      "--gemm_min_time", "0.05", "--json_out", str(out)])
+    threads = torch.get_num_threads()
+    try:  # one thread: no OpenMP spin-waiting when other processes share the cores; restored for the other tests
+        rec = bench.main(["--model", "JiT-T/4", "--img_size", "16", "--class_num", "10", "--device", "cpu",
+                          "--precision", "fp32", "--threads", "1", "--batch_size", "2", "--gen_bsz", "2",
+                          "--train_iters", "1", "--train_warmup", "1", "--sampling_steps", "3", "--gemm_sizes", "64",
+                          "--gemm_min_time", "0.05", "--json_out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
     lines = capsys.readouterr().out.strip().splitlines()
     printed = json.loads(lines[-1])
     assert printed == json.loads(out.read_text()) == json.loads(json.dumps(rec, sort_keys=True))
@@ -86,7 +90,7 @@ def test_bench_runs_end_to_end_on_a_tiny_config(capsys, tmp_path):
                 "train_peak_mem_bytes", "sample_images_per_s", "sample_flops_per_s", "sample_frac_of_peak",
                 "sample_evals_per_image", "sample_peak_mem_bytes", "peak_mem_kind"]:
         assert printed[key] is not None, key
-    assert printed["model"] == "JiT-T/4" and printed["precision"] == "fp32"
+    assert printed["model"] == "JiT-T/4" and printed["precision"] == "fp32" and printed["threads"] == 1
     assert printed["train_images_per_s"] > 0 and printed["sample_images_per_s"] > 0
     assert printed["gemm_peak_flops_per_s"] > 0
     # Heun 3 steps, CFG on (0.1, 1): t = 0 alone, then t = 1/3 (x2) and 2/3 (x3) with the null pass

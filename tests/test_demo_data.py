@@ -1,0 +1,112 @@
+"""demo.py: the scikit-learn digits as an ImageFolder and as images/ + captions/, and `demo.py --quick` end to end."""
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+from torchvision import datasets
+
+import demo
+from text_image_dataset import TextImageDataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    folder_root, captioned_root, count, written = demo.materialise_digits(str(out))
+    assert written and count == 1797
+    return out
+
+
+def test_imagefolder_counts_per_class(digits_dir):
+    expected = np.bincount(load_digits().target, minlength=10)
+    train = digits_dir / "digits" / "train"
+    assert sorted(os.listdir(train)) == [str(d) for d in range(10)]
+    counts = [len(os.listdir(train / str(d))) for d in range(10)]
+    assert counts == expected.tolist() and sum(counts) == 1797
+    dataset = datasets.ImageFolder(str(train))
+    assert dataset.classes == [str(d) for d in range(10)]  # class index == digit
+
+
+def test_images_are_32px_rgb_digits(digits_dir):
+    digits = load_digits()
+    index = int(np.flatnonzero(digits.target == 0)[0])
+    image = Image.open(digits_dir / "digits" / "train" / "0" / f"digit_{index:04d}.png")
+    assert image.size == (32, 32) and image.mode == "RGB"
+    pixels = np.asarray(image).astype(int)
+    assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
+    # dark ink on white paper: a zero is a ring, so the centre and the corners are bright, the ring dark
+    assert pixels[0, 0, 0] > 200 and pixels.min() < 60
+    small = np.asarray(image.convert("L").resize((8, 8), Image.BOX)).astype(float)
+    ink = 255 - small
+    assert np.corrcoef(ink.ravel(), digits.images[index].ravel())[0, 1] > 0.9
+
+
+def test_captioned_layout_with_japanese_and_english(digits_dir):
+    root = digits_dir / "digits_captioned"
+    images = sorted(os.listdir(root / "images"))
+    captions = sorted(os.listdir(root / "captions"))
+    assert len(images) == len(captions) == 1797
+    assert [os.path.splitext(n)[0] for n in images] == [os.path.splitext(n)[0] for n in captions]
+    target = load_digits().target
+    texts = {}
+    for name in captions:
+        text = (root / "captions" / name).read_text(encoding="utf-8")
+        index = int(re.fullmatch(r"digit_(\d{4})\.txt", name).group(1))
+        assert text.endswith("\n") and text.count("\n") == 1
+        texts[index] = text.strip()
+        assert texts[index] in (f"手書きの数字{target[index]}", f"a handwritten digit {target[index]}")
+    assert texts[0] == "手書きの数字0" and texts[1] == "a handwritten digit 1"
+    japanese = sum(t.startswith("手書き") for t in texts.values())
+    assert japanese == 899  # every even index
+    dataset = TextImageDataset(str(root))  # the layout main_jit.py trains -Text models on
+    assert len(dataset) == 1797 and len(dataset.captions) == 20
+
+
+def test_materialisation_is_idempotent_and_subsets(digits_dir, tmp_path):
+    marker = digits_dir / "digits" / ".complete"
+    before = os.path.getmtime(digits_dir / "digits" / "train" / "5" / "digit_0005.png")
+    assert demo.materialise_digits(str(digits_dir))[3] is False
+    assert os.path.getmtime(digits_dir / "digits" / "train" / "5" / "digit_0005.png") == before
+    assert marker.read_text() == "1797 images\n"
+    _, _, count, written = demo.materialise_digits(str(tmp_path), per_class=3)
+    assert written and count == 30
+    assert all(len(os.listdir(tmp_path / "digits" / "train" / str(d))) == 3 for d in range(10))
+
+
+def test_loss_curve_from_tensorboard(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(tmp_path))
+    for step, loss in [(7, 1.9), (14, 1.2), (21, 0.8), (28, 0.6)]:
+        writer.add_scalar("train_loss", loss, step)
+    writer.close()
+    points = demo.read_scalars(str(tmp_path))
+    assert [s for s, _ in points] == [7, 14, 21, 28] and abs(points[-1][1] - 0.6) < 1e-6
+    demo.plot_loss(points, str(tmp_path / "loss.png"), 28)
+    image = Image.open(tmp_path / "loss.png")
+    assert image.size[0] >= 320 and image.size[1] >= 200
+
+
+def test_quick_demo_end_to_end(tmp_path):
+    out = tmp_path / "quick"
+    result = subprocess.run([sys.executable, "demo.py", "--quick", "--out", str(out), "--device", "cpu"], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = result.stdout
+    untrained = re.search(r"untrained \(initial weights\)\s+FID\s+([0-9.]+)", log)
+    trained = re.search(r"trained \(1 epochs, EMA 0.99\)\s+FID\s+([0-9.]+)", log)
+    assert untrained and trained, log[-3000:]
+    assert float(untrained.group(1)) > 0 and float(trained.group(1)) > 0
+    for name in ("digits_grid.png", "loss_curve.png", "train/checkpoint-last.pth", "fid_stats/digits32_20.npz"):
+        assert (out / name).is_file(), name
+        assert str(out / name) in log
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(out / "train"))
+    assert Image.open(out / "digits_grid.png").size == (34 + 2, 10 * 34 + 2)  # one row per digit
+    assert "stage timings:" in log

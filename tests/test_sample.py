@@ -1,0 +1,136 @@
+"""sample.py: grids and individual PNGs from a checkpoint, EMA track choice, saved args with overrides, errors."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from denoiser import Denoiser
+from main_jit import get_args_parser
+from util.checkpoint import save_checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--num_sampling_steps", "2", "--sampling_method", "euler", "--device", "cpu", "--precision", "fp32"]
+
+
+@torch.no_grad()
+def shift_(params, std, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A JiT-T/4 checkpoint at 32 px, 10 classes, whose live weights, EMA 1 and EMA 2 all differ (the zero-initialised
+    output layers are perturbed so that samples depend on the weights)."""
+    args = get_args_parser().parse_args(["--model", "JiT-T/4", "--img_size", "32", "--class_num", "10",
+                                         "--device", "cpu", "--eval_ema", "2"])
+    torch.manual_seed(0)
+    model = Denoiser(args)
+    shift_(model.parameters(), 0.05, 1)
+    shift_(model.ema_params[0], 0.05, 2)
+    shift_(model.ema_params[1], 0.05, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    folder = tmp_path_factory.mktemp("ckpt")
+    save_checkpoint(str(folder / "checkpoint-last.pth"), model, optimizer, 3, args)
+    return folder
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_grid_one_row_per_class(checkpoint, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    sample.main(["--checkpoint", str(checkpoint), "--classes", "0,3,9", "--per_class", "4", "--out", str(out), *FAST])
+    # torchvision's grid: 2-pixel padding around and between 32 px cells
+    assert Image.open(out).size == (4 * 34 + 2, 3 * 34 + 2)
+    assert "12-image grid (4 columns)" in capsys.readouterr().out
+
+
+def test_default_grid_shows_every_class_of_a_small_model(checkpoint, tmp_path):
+    out = tmp_path / "grid.png"
+    sample.main(["--checkpoint", str(checkpoint / "checkpoint-last.pth"), "--per_class", "2", "--out", str(out),
+                 *FAST])
+    assert Image.open(out).size == (2 * 34 + 2, 10 * 34 + 2)
+
+
+def test_individual_pngs(checkpoint, tmp_path):
+    out = tmp_path / "pngs"
+    sample.main(["--checkpoint", str(checkpoint), "--classes", "1,2", "--num_images", "5", "--out", str(out), *FAST])
+    names = sorted(os.listdir(out))
+    assert names == ["0000_class1.png", "0001_class2.png", "0002_class1.png", "0003_class2.png", "0004_class1.png"]
+    image = Image.open(out / names[0])
+    assert image.size == (32, 32) and image.mode == "RGB"
+
+
+def test_ema_choice_changes_the_images(checkpoint, tmp_path):
+    paths = {}
+    for ema in ("0", "1", "2"):
+        paths[ema] = tmp_path / f"ema{ema}.png"
+        sample.main(["--checkpoint", str(checkpoint), "--classes", "5", "--per_class", "2", "--ema", ema,
+                     "--out", str(paths[ema]), *FAST])
+    images = {ema: pixels(path) for ema, path in paths.items()}
+    assert not np.array_equal(images["0"], images["1"])
+    assert not np.array_equal(images["1"], images["2"])
+    # the default is the checkpoint's --eval_ema (2 here); same seed -> same images
+    default = tmp_path / "default.png"
+    sample.main(["--checkpoint", str(checkpoint), "--classes", "5", "--per_class", "2", "--out", str(default), *FAST])
+    assert np.array_equal(pixels(default), images["2"])
+
+
+def test_saved_args_are_overridden_by_flags(checkpoint, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(sample, "write_grid", lambda images, path, nrow, captions=None: seen.update(n=len(images)))
+    real_generate = Denoiser.generate
+
+    def spy(model, labels):
+        seen.update(cfg=model.cfg_scale, interval=model.cfg_interval, steps=model.num_sampling_steps,
+                    method=model.sampling_method, labels=labels.tolist())
+        return real_generate(model, labels)
+
+    monkeypatch.setattr(Denoiser, "generate", spy)
+    sample.main(["--checkpoint", str(checkpoint), "--classes", "7", "--per_class", "3", "--cfg", "2.5",
+                 "--interval_min", "0.1", "--num_sampling_steps", "3", "--sampling_method", "heun",
+                 "--device", "cpu", "--out", "unused.png"])
+    assert seen == {"cfg": 2.5, "interval": (0.1, 1.0), "steps": 3, "method": "heun", "labels": [7, 7, 7], "n": 3}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checkpoint", "{missing}"], "checkpoint not found: {missing}"),
+    (["--checkpoint", "{empty}"], "has no checkpoint-last.pth"),
+    (["--checkpoint", "{ckpt}", "--classes", "0,10"], "class index 10 is out of range; this checkpoint has "
+                                                      "class_num 10 (valid classes 0..9)"),
+    (["--checkpoint", "{ckpt}", "--classes", "a,b"], "expected comma-separated class indices"),
+    (["--checkpoint", "{ckpt}", "--prompts", "手書きの数字3"], "is a class-conditional model (JiT-T/4, class_num 10): "
+                                                            "--prompts and --prompts_file need a -Text checkpoint"),
+])
+def test_errors_are_one_line(checkpoint, tmp_path, argv, message):
+    (tmp_path / "empty").mkdir()
+    fill = {"missing": str(tmp_path / "nope.pth"), "empty": str(tmp_path / "empty"), "ckpt": str(checkpoint)}
+    argv = [a.format(**fill) for a in argv]
+    with pytest.raises(SystemExit) as error:
+        sample.main(argv + ["--out", str(tmp_path / "x.png"), *FAST])
+    text = str(error.value)
+    assert text.startswith("sample.py: error: ") and "\n" not in text
+    assert message.format(**fill) in text
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_command_line(checkpoint, tmp_path):
+    out = tmp_path / "cli.png"
+    result = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(checkpoint), "--classes", "4",
+                             "--per_class", "2", "--out", str(out), *FAST], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "wrote a 2-image grid" in result.stdout and "EMA track 2" in result.stdout
+    assert Image.open(out).size == (2 * 34 + 2, 34 + 2)
+    bad = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(tmp_path / "none.pth")], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1
+    assert bad.stderr.strip() == f"sample.py: error: checkpoint not found: {tmp_path / 'none.pth'}"
