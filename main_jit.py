@@ -55,7 +55,8 @@ def get_args_parser():
     parser.add_argument("--P_std", default=0.8, type=float, help="std of the logit-normal time distribution")
     parser.add_argument("--noise_scale", default=1.0, type=float, help="std of the Gaussian noise")
     parser.add_argument("--t_eps", default=0.05, type=float, help="floor of 1 - t in the velocity denominators")
-    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast dtype")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="bf16 autocast or fp32; auto: bf16 except on CPUs without native bf16 support")
     parser.add_argument("--label_drop_prob", default=0.1, type=float, help="label dropout for CFG training")
     parser.add_argument("--seed", default=0, type=int, help="process seed = seed + rank")
     parser.add_argument("--start_epoch", default=0, type=int)
@@ -291,6 +292,7 @@ def main(args):
     misc.init_distributed_mode(args)
     check_config(args)
     device = misc.resolve_device(args)
+    args.precision = misc.resolve_precision(args.precision, device)
     misc.seed_everything(args.seed + misc.get_rank())
     log_writer = SummaryWriter(log_dir=args.output_dir) if misc.is_main_process() else None
     if misc.is_main_process():

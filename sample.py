@@ -18,7 +18,7 @@ import torch
 
 # the ImageNet classes of the DiT/JiT sample figures, used as the default for 1000-class models
 IMAGENET_SHOWCASE = [207, 360, 387, 974, 88, 979, 417, 279]
-SAMPLER_FLAGS = ("cfg", "interval_min", "interval_max", "num_sampling_steps", "sampling_method", "precision")
+SAMPLER_FLAGS = ("cfg", "interval_min", "interval_max", "num_sampling_steps", "sampling_method")
 MODEL_FLAGS = ("model", "img_size", "class_num", "llm_model_name", "max_text_len")
 
 
@@ -49,7 +49,9 @@ def get_args_parser():
     sampler.add_argument("--interval_max", type=float, default=None, help="... and t < interval_max")
     sampler.add_argument("--num_sampling_steps", type=int, default=None)
     sampler.add_argument("--sampling_method", choices=["euler", "heun"], default=None)
-    sampler.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="autocast dtype")
+    sampler.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                         help="autocast dtype of this machine (not the checkpoint's): auto = bf16 unless the CPU "
+                              "lacks native bf16")
     sampler.add_argument("--seed", type=int, default=0)
     sampler.add_argument("--gen_bsz", type=int, default=32, help="images per network batch")
     model = parser.add_argument_group("model (default: the values saved in the checkpoint)")
@@ -175,6 +177,7 @@ def main(argv=None):
              f"--prompts_file need a -Text checkpoint; use --classes")
     ema = cli.ema if cli.ema is not None else getattr(saved, "eval_ema", 1) if saved is not None else 1
     device = misc.resolve_device(argparse.Namespace(device=cli.device, distributed=False, gpu=0))
+    args.precision = misc.resolve_precision(cli.precision, device)
 
     try:
         model = Denoiser(args)
