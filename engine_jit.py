@@ -51,7 +51,9 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, device, ep
     interval_start, interval_steps = time.time(), 0
     for step, (images, labels) in enumerate(data_loader, start=start_step):
         lr = adjust_learning_rate(optimizer, epoch + step / steps_per_epoch, args)
-        x = random_flip(to_model_input(images, device))
+        x = to_model_input(images, device)
+        if not args.no_hflip:
+            x = random_flip(x)
         labels = labels.to(device, non_blocking=True)
         with misc.autocast(device, args.precision):
             loss = model(x, labels)

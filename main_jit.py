@@ -97,6 +97,8 @@ def get_args_parser():
     parser.add_argument("--device", default="cuda", help="cuda, cpu or mps")
     parser.add_argument("--save_every_minutes", default=0.0, type=float,
                         help="also write checkpoint-last.pth (mid-epoch, exactly resumable) this often; 0 = off")
+    parser.add_argument("--no_hflip", action="store_true",
+                        help="no random horizontal flip (data whose mirror image is another thing, e.g. digits)")
     parser.add_argument("--check_data", action="store_true",
                         help="decode every training image once before training and report the unreadable ones")
     # text-to-image (models named *-Text, or --use_text_conditioning)
