@@ -14,3 +14,6 @@ install: $(PY)
 
 test: install
 	$(PY) -m pytest tests -q
+
+demo: install
+	$(PY) demo.py

@@ -462,8 +462,57 @@ def get_parser():
                    help="after the measurements, profile 1 extra training step or one generate() call with "
                         "torch.profiler and print the ops grouped by name")
     g.add_argument("--json_out", default=None, help="also write the JSON record to this file")
-    # --text (caption-conditioned models) is issue 7's second half: it will select CONDITIONINGS["text"]
+    p.add_argument("--text_llm", default=None,
+                   help="hub name or folder of an LLM: instead of the measurements above, compare the training step "
+                        "of <model>-Text on cached caption features with the class-conditioned step, and with the "
+                        "cost of running the LLM in every step (as the first published text-to-image version did)")
     return p
+
+
+def text_overhead(args, device, log):
+    """Seconds per training step: class-conditioned, text-conditioned from the caption cache, and the LLM forward
+    that a step would add without the cache. Returns the JSON record."""
+    from denoiser import Denoiser
+    from main_jit import get_args_parser
+    from util.text_cache import embed_captions
+
+    captions = [f"手書きの数字{i % 10}の写真、サンプル{i}" for i in range(args.batch_size)]
+    gen = torch.Generator().manual_seed(args.seed)
+    x = (torch.rand(args.batch_size, 3, args.img_size, args.img_size, generator=gen) * 2 - 1).to(device)
+    ids = torch.arange(args.batch_size, device=device)
+    seconds = {}
+    for kind in ("class", "text"):
+        argv = ["--model", args.model + ("-Text" if kind == "text" else ""), "--img_size", str(args.img_size),
+                "--class_num", str(args.batch_size), "--llm_model_name", args.text_llm, "--attn_impl", args.attn_impl]
+        model = Denoiser(get_args_parser().parse_args(argv)).to(device)
+        if kind == "text":
+            encoder = model.net.y_embedder.encoder
+            model.net.y_embedder.set_captions(captions, embed_captions(encoder, captions, None, progress=False))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95))
+        for i in range(args.train_warmup + args.train_iters):
+            if i == args.train_warmup:
+                synchronize(device)
+                start = time.perf_counter()
+            train_step(model, optimizer, ClassConditioning(args, device), x, ids, device, args.precision)
+            model.update_ema()
+        synchronize(device)
+        seconds[kind] = (time.perf_counter() - start) / args.train_iters
+    for i in range(args.train_warmup + args.train_iters):
+        if i == args.train_warmup:
+            synchronize(device)
+            start = time.perf_counter()
+        encoder.pooled_features(captions)
+    synchronize(device)
+    seconds["llm"] = (time.perf_counter() - start) / args.train_iters
+    rec = {"model": args.model, "text_llm": args.text_llm, "batch_size": args.batch_size,
+           "class_step_s": seconds["class"], "text_step_cached_s": seconds["text"],
+           "text_overhead": seconds["text"] / seconds["class"] - 1, "llm_per_step_s": seconds["llm"],
+           "llm_in_step_overhead": seconds["llm"] / seconds["class"]}
+    log(f"{args.model} batch {args.batch_size}: class step {seconds['class']:.3f} s, text step on cached features "
+        f"{seconds['text']:.3f} s ({100 * rec['text_overhead']:+.1f}%); running {args.text_llm} in the step would "
+        f"add {seconds['llm']:.3f} s ({100 * rec['llm_in_step_overhead']:+.1f}%), twice per sampling evaluation "
+        f"with CFG")
+    return rec
 
 
 def fmt_bytes(n):
@@ -501,6 +550,11 @@ def main(argv=None):
         log(f"WARNING: {rec['warning']}")
     log(f"JiT benchmark: {args.model} @ {args.img_size} px, {rec['device_name']}, {args.precision}"
         f"{', compiled' if args.compile else ''}, torch {torch.__version__}")
+
+    if args.text_llm:
+        rec.update(text_overhead(args, device, log))
+        print(json.dumps(rec))
+        return rec
 
     # ------------------------------------------------------------------ GEMM peak
     peak = None
