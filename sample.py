@@ -12,7 +12,6 @@ with --per_class); anything else is a folder that receives one PNG per image. -T
 import argparse
 import inspect
 import os
-import sys
 
 import torch
 

@@ -134,3 +134,26 @@ def test_command_line(checkpoint, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1
     assert bad.stderr.strip() == f"sample.py: error: checkpoint not found: {tmp_path / 'none.pth'}"
+
+
+def test_text_model_prompts(make_args, tiny_llm_path, tmp_path):
+    """A -Text checkpoint (tiny local LLM): prompts in Japanese and English -> one grid row per prompt and the
+    caption list beside the grid; --classes is refused."""
+    args = make_args("--model", "JiT-T/4-Text", "--llm_model_name", tiny_llm_path)
+    torch.manual_seed(0)
+    model = Denoiser(args)
+    shift_(model.parameters(), 0.05, 4)
+    ckpt = tmp_path / "text.pth"
+    save_checkpoint(str(ckpt), model, torch.optim.AdamW(model.parameters()), 0, args)
+    out = tmp_path / "prompts.png"
+    sample.main(["--checkpoint", str(ckpt), "--prompts", "犬の写真", "a photo of a cat", "--per_class", "2",
+                 "--text_cache_dir", str(tmp_path / "cache"), "--out", str(out), *FAST])
+    assert Image.open(out).size == (2 * 34 + 2, 2 * 34 + 2)
+    assert (tmp_path / "prompts.txt").read_text(encoding="utf-8").splitlines() == [
+        "row 0 col 0: 犬の写真", "row 0 col 1: 犬の写真", "row 1 col 0: a photo of a cat", "row 1 col 1: a photo of a cat"]
+    folder = tmp_path / "pngs"
+    sample.main(["--checkpoint", str(ckpt), "--prompts", "猫の写真", "--num_images", "2",
+                 "--text_cache_dir", str(tmp_path / "cache"), "--out", str(folder), *FAST])
+    assert sorted(os.listdir(folder)) == ["0000_prompt0.png", "0001_prompt0.png", "prompts.txt"]
+    with pytest.raises(SystemExit, match="is a text-to-image model .*give --prompts or --prompts_file"):
+        sample.main(["--checkpoint", str(ckpt), "--classes", "0", "--out", str(tmp_path / "x.png"), *FAST])
