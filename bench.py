@@ -296,7 +296,7 @@ def build(args, device):
     """Denoiser and AdamW as main_jit.py builds them, from main_jit's own parser (so the defaults are the same)."""
     from denoiser import Denoiser
     from main_jit import get_args_parser
-    from util.misc import param_groups_weight_decay
+    from util.misc import build_optimizer, param_groups_weight_decay
 
     argv = ["--model", args.model, "--img_size", str(args.img_size), "--class_num", str(args.class_num),
             "--device", device.type, "--precision", args.precision, "--attn_impl", args.attn_impl,
@@ -307,11 +307,11 @@ def build(args, device):
     model_args = get_args_parser().parse_args(argv)
     model = Denoiser(model_args).to(device)
     if args.optimizer_impl == "auto":  # what main_jit.py does
-        opt_kwargs = dict(fused=device.type == "cuda")
+        optimizer = build_optimizer(model, args.lr, args.weight_decay, device)
     else:
-        opt_kwargs = dict(fused=args.optimizer_impl == "fused", foreach=args.optimizer_impl == "foreach")
-    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, args.weight_decay), lr=args.lr,
-                                  betas=(0.9, 0.95), **opt_kwargs)
+        optimizer = torch.optim.AdamW(param_groups_weight_decay(model, args.weight_decay), lr=args.lr,
+                                      betas=(0.9, 0.95), fused=args.optimizer_impl == "fused",
+                                      foreach=args.optimizer_impl == "foreach")
     if args.compile:
         model.net.compile()  # in place: parameter names, the state_dict and the EMA lists are unchanged
     return model, optimizer
@@ -438,7 +438,7 @@ def get_parser():
     g.add_argument("--lr", default=1e-4, type=float)
     g.add_argument("--weight_decay", default=0.0, type=float)
     g.add_argument("--optimizer_impl", default="auto", choices=["auto", "forloop", "foreach", "fused"],
-                   help="AdamW implementation; auto = main_jit.py's choice (fused on CUDA, torch's default elsewhere)")
+                   help="AdamW implementation; auto = main_jit.py's choice (fused on CUDA, CPU and MPS)")
     g = p.add_argument_group("sampling")
     g.add_argument("--gen_bsz", default=4, type=int, help="sampling batch size (labels; CFG doubles the net batch)")
     g.add_argument("--sampling_method", default="heun", choices=["euler", "heun"])
@@ -474,6 +474,7 @@ def text_overhead(args, device, log):
     that a step would add without the cache. Returns the JSON record."""
     from denoiser import Denoiser
     from main_jit import get_args_parser
+    from util.misc import build_optimizer
     from util.text_cache import embed_captions
 
     captions = [f"手書きの数字{i % 10}の写真、サンプル{i}" for i in range(args.batch_size)]
@@ -488,13 +489,12 @@ def text_overhead(args, device, log):
         if kind == "text":
             encoder = model.net.y_embedder.encoder
             model.net.y_embedder.set_captions(captions, embed_captions(encoder, captions, None, progress=False))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95))
+        optimizer = build_optimizer(model, args.lr, args.weight_decay, device)
         for i in range(args.train_warmup + args.train_iters):
             if i == args.train_warmup:
                 synchronize(device)
                 start = time.perf_counter()
             train_step(model, optimizer, ClassConditioning(args, device), x, ids, device, args.precision)
-            model.update_ema()
         synchronize(device)
         seconds[kind] = (time.perf_counter() - start) / args.train_iters
     for i in range(args.train_warmup + args.train_iters):

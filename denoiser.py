@@ -120,8 +120,8 @@ class Denoiser(nn.Module):
     def update_ema(self):
         params = [p.detach() for p in self.parameters()]
         for track, decay in zip(self.ema_params, self.ema_decays):
-            torch._foreach_mul_(track, decay)
-            torch._foreach_add_(track, params, alpha=1 - decay)
+            # ema + (1 - decay) * (param - ema) = decay * ema + (1 - decay) * param, one pass over the track
+            torch._foreach_lerp_(track, params, 1 - decay)
 
     def ema_state_dict(self, track):
         """Full state dict (official keys) holding EMA track 1 or 2, as in a checkpoint's model_ema1/model_ema2."""

