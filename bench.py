@@ -7,7 +7,7 @@
 Measured, in one run, with warm-up iterations excluded from every timing:
   * the device's dense matrix-multiply peak: square GEMMs of a few sizes (--gemm_sizes) in the compute dtype
     (bf16 for --precision bf16, fp32 otherwise), in both the A @ B and the A @ B^T (nn.Linear) layouts; the best
-    rate is the peak;
+    sustained rate (>= --gemm_min_time seconds of back-to-back calls) is the peak;
   * training: images/s of a full step exactly as engine_jit.train_one_epoch runs it (bf16 autocast forward of
     Denoiser.forward, backward, AdamW step with the no-decay groups of main_jit, both EMA tracks through
     Denoiser.update_ema), on one fixed random batch (no data loading);
@@ -34,6 +34,7 @@ import os
 import platform
 import re
 import resource
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -245,50 +246,72 @@ class PeakMemory:
 
 
 # ============================================================================================ GEMM peak
-def measure_gemm_peak(device, dtype, sizes, min_time=1.0, max_call_s=20.0, log=print):
-    """Best dense-GEMM rate (FLOP/s, 2 n^3 per n x n x n product) over the sizes and two layouts.
+def gemm_rate(device, dtype, n, layout, min_time, generator=None):
+    """Sustained FLOP/s of n x n x n GEMMs ("nn": A @ B, "nt": A @ B^T as nn.Linear runs) over >= min_time seconds
+    of back-to-back calls after one untimed call, and the best single call (chunks of 5 calls off CPU)."""
+    a = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
+    fn = (lambda: torch.mm(a, b)) if layout == "nn" else (lambda: torch.mm(a, b.t()))
+    flops, chunk = 2.0 * n ** 3, 1 if device.type == "cpu" else 5
+    fn()
+    synchronize(device)
+    iters, best, start, cpu0 = 0, 0.0, time.perf_counter(), _cpu_seconds()
+    while True:
+        chunk_start = time.perf_counter()
+        for _ in range(chunk):
+            fn()
+        synchronize(device)
+        now = time.perf_counter()
+        iters += chunk
+        best = max(best, flops * chunk / (now - chunk_start))
+        if now - start >= min_time:
+            break
+    elapsed = time.perf_counter() - start
+    util = (_cpu_seconds() - cpu0) / (elapsed * torch.get_num_threads()) if device.type == "cpu" else None
+    return dict(size=n, layout=layout, iters=iters, seconds=elapsed, flops_per_s=flops * iters / elapsed,
+                best_call_flops_per_s=best, cpu_util=util)
 
-    Layouts: "nn" = A @ B, "nt" = A @ B^T (what nn.Linear runs). Per (size, layout): 1 untimed warm-up call, then
-    timed chunks (1 call on CPU, 5 calls between synchronisations elsewhere) until min_time has passed. The peak is
-    the best chunk's rate, so a moment of interference from other processes does not lower it (the mean rate is
-    recorded too). A size whose single call is predicted (from the previous size's rate in the same layout) to take
-    longer than max_call_s is skipped, so slow dtypes on slow devices stay bounded.
-    """
+
+def measure_gemm_peak(device, dtype, sizes, min_time=2.0, max_call_s=20.0, log=print):
+    """Dense-GEMM peak (FLOP/s, 2 n^3 per n x n x n product): the best sustained rate (gemm_rate) over the sizes and
+    both layouts. Sustained, like the model's rate over whole steps: the best single call is recorded but not used,
+    since a short call can catch a momentarily idle machine (on the 2-core CPU of the README, 512^3 calls ranged
+    0.9x-1.45x of their mean). A size whose single call is predicted (from the previous size's rate in the same
+    layout) to take longer than max_call_s is skipped, so slow dtypes on slow devices stay bounded."""
     results, rate_by_layout = [], {}
     gen = torch.Generator().manual_seed(0)
-    chunk = 1 if device.type == "cpu" else 5
     for n in sorted(sizes):
-        a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
-        b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
-        flops = 2.0 * n ** 3
-        for layout, fn in (("nn", lambda: torch.mm(a, b)), ("nt", lambda: torch.mm(a, b.t()))):
+        for layout in ("nn", "nt"):
             previous = rate_by_layout.get(layout)
-            if previous is not None and flops / previous > max_call_s:
-                log(f"  gemm {n:5d} {layout}: skipped (a call would take ~{flops / previous:.0f} s)")
+            if previous is not None and 2.0 * n ** 3 / previous > max_call_s:
+                log(f"  gemm {n:5d} {layout}: skipped (a call would take ~{2.0 * n ** 3 / previous:.0f} s)")
                 continue
-            fn()
-            synchronize(device)
-            iters, best, start, cpu0 = 0, 0.0, time.perf_counter(), _cpu_seconds()
-            while True:
-                chunk_start = time.perf_counter()
-                for _ in range(chunk):
-                    fn()
-                synchronize(device)
-                now = time.perf_counter()
-                iters += chunk
-                best = max(best, flops * chunk / (now - chunk_start))
-                if now - start >= min_time:
-                    break
-            elapsed = time.perf_counter() - start
-            mean = flops * iters / elapsed
-            util = (_cpu_seconds() - cpu0) / (elapsed * torch.get_num_threads()) if device.type == "cpu" else None
-            rate_by_layout[layout] = mean
-            results.append(dict(size=n, layout=layout, iters=iters, seconds=elapsed, flops_per_s=best,
-                                mean_flops_per_s=mean, cpu_util=util))
-            log(f"  gemm {n:5d} {layout}: {best / 1e9:10.2f} GFLOP/s best, {mean / 1e9:.2f} mean ({iters} calls, "
-                f"{elapsed:.2f} s" + ("" if util is None else f", cpu util {util:.2f}") + ")")
+            r = gemm_rate(device, dtype, n, layout, min_time, gen)
+            rate_by_layout[layout] = r["flops_per_s"]
+            results.append(r)
+            log(f"  gemm {n:5d} {layout}: {r['flops_per_s'] / 1e9:10.2f} GFLOP/s sustained ({r['iters']} calls, "
+                f"{r['seconds']:.2f} s; best call {r['best_call_flops_per_s'] / 1e9:.2f}"
+                + ("" if r["cpu_util"] is None else f", cpu util {r['cpu_util']:.2f}") + ")")
     best = max(results, key=lambda r: r["flops_per_s"]) if results else None
     return best, results
+
+
+class PairedPeak:
+    """The peak GEMM re-measured around every timed iteration of a phase (--gemm_recheck seconds before each one
+    and after the last): on a shared or clock-varying machine the GEMM rate drifts by tens of percent within
+    minutes (seen here: 85-155 GFLOP/s for the same fp32 2048^3 GEMM), so each iteration is compared with the peak
+    measured seconds around it, not minutes before."""
+
+    def __init__(self, device, dtype, best, seconds):
+        self.measure = lambda: gemm_rate(device, dtype, best["size"], best["layout"], seconds)["flops_per_s"]
+        self.rates = []
+
+    def __call__(self):
+        self.rates.append(self.measure())
+
+    def fractions(self, flops_per_iteration, times):
+        """Per-iteration achieved FLOP/s over the mean of the peaks measured just before and just after it."""
+        return [flops_per_iteration / t / ((self.rates[i] + self.rates[i + 1]) / 2) for i, t in enumerate(times)]
 
 
 # ============================================================================================ phases
@@ -333,7 +356,7 @@ def train_step(model, optimizer, cond_impl, x, cond, device, precision):
     return loss
 
 
-def run_train(args, model, optimizer, cond_impl, device, log):
+def run_train(args, model, optimizer, cond_impl, device, log, peak_check=None):
     model.train(True)
     gen = torch.Generator().manual_seed(args.seed)
     x = (torch.rand(args.batch_size, 3, args.img_size, args.img_size, generator=gen) * 2 - 1).to(device)
@@ -344,16 +367,21 @@ def run_train(args, model, optimizer, cond_impl, device, log):
             loss = train_step(model, optimizer, cond_impl, x, cond, device, args.precision)
             synchronize(device)
             log(f"  train warm-up {i + 1}/{args.train_warmup}: {time.perf_counter() - start:.2f} s")
-        times, cpu0 = [], _cpu_seconds()
+        times, cpu_seconds = [], 0.0
         for i in range(args.train_iters):
-            start = time.perf_counter()
+            if peak_check is not None:
+                peak_check()
+            start, cpu0 = time.perf_counter(), _cpu_seconds()
             loss = train_step(model, optimizer, cond_impl, x, cond, device, args.precision)
             synchronize(device)
             times.append(time.perf_counter() - start)
+            cpu_seconds += _cpu_seconds() - cpu0
             log(f"  train step {i + 1}/{args.train_iters}: {times[-1]:.2f} s (loss {loss.item():.4f})")
+        if peak_check is not None:
+            peak_check()
     total = sum(times)
-    cpu_util = (_cpu_seconds() - cpu0) / (total * torch.get_num_threads()) if device.type == "cpu" else None
-    return dict(train_cpu_util=cpu_util, train_step_s=total / len(times), train_step_s_min=min(times),
+    cpu_util = cpu_seconds / (total * torch.get_num_threads()) if device.type == "cpu" else None
+    return dict(train_cpu_util=cpu_util, train_step_s=total / len(times), train_step_s_min=min(times), train_times=times,
                 train_images_per_s=args.batch_size * len(times) / total, train_loss=float(loss.item()),
                 train_peak_mem_bytes=mem.peak, train_peak_mem_delta_bytes=mem.delta, peak_mem_kind=mem.kind)
 
@@ -372,7 +400,7 @@ class _RowCounter:
         self.handle.remove()
 
 
-def run_sample(args, model, cond_impl, device, log):
+def run_sample(args, model, cond_impl, device, log, peak_check=None):
     model.eval()
     cond = cond_impl.sample_inputs(args.gen_bsz)
     with PeakMemory(device) as mem:
@@ -387,22 +415,27 @@ def run_sample(args, model, cond_impl, device, log):
             model.num_sampling_steps = steps
             log(f"  sample warm-up {i + 1}/{args.sample_warmup} (2 steps): {time.perf_counter() - start:.2f} s")
         counter = None if args.compile else _RowCounter(model.net)
-        times, cpu0 = [], _cpu_seconds()
+        times, cpu_seconds = [], 0.0
         for i in range(args.sample_iters):
-            start = time.perf_counter()
+            if peak_check is not None:
+                peak_check()
+            start, cpu0 = time.perf_counter(), _cpu_seconds()
             with autocast(device, args.precision):
                 images = cond_impl.generate(model, cond)
             synchronize(device)
             times.append(time.perf_counter() - start)
+            cpu_seconds += _cpu_seconds() - cpu0
             log(f"  sample batch {i + 1}/{args.sample_iters}: {times[-1]:.2f} s")
+        if peak_check is not None:
+            peak_check()
         if counter is not None:
             counter.remove()
     assert images.shape == (args.gen_bsz, 3, args.img_size, args.img_size)
     total = sum(times)
-    cpu_util = (_cpu_seconds() - cpu0) / (total * torch.get_num_threads()) if device.type == "cpu" else None
+    cpu_util = cpu_seconds / (total * torch.get_num_threads()) if device.type == "cpu" else None
     evals = sampling_evaluations(model)
     counted = None if counter is None else counter.rows / (args.gen_bsz * len(times))
-    return dict(sample_cpu_util=cpu_util, sample_batch_s=total / len(times),
+    return dict(sample_cpu_util=cpu_util, sample_batch_s=total / len(times), sample_times=times,
                 sample_images_per_s=args.gen_bsz * len(times) / total,
                 sample_evals_per_image=evals, sample_evals_per_image_counted=counted,
                 sample_s_per_eval_batch=total / len(times) / evals,
@@ -430,6 +463,9 @@ def get_parser():
     p.add_argument("--attn_impl", default="sdpa", choices=ATTN_IMPLS)
     p.add_argument("--compile", action="store_true", help="torch.compile the network (warm-up pays the compile)")
     p.add_argument("--threads", default=None, type=int, help="torch.set_num_threads (CPU); default: torch's")
+    p.add_argument("--default_malloc", action="store_true",
+                   help="CPU: keep glibc's default of unmapping freed blocks above 32 MB (main_jit.py turns it off: "
+                        "util/misc.keep_freed_cpu_memory)")
     p.add_argument("--seed", default=0, type=int)
     g = p.add_argument_group("training")
     g.add_argument("--batch_size", default=8, type=int, help="training batch size")
@@ -450,8 +486,11 @@ def get_parser():
     g.add_argument("--sample_warmup", default=1, type=int, help="untimed 2-step generate() calls before them")
     g = p.add_argument_group("GEMM peak")
     g.add_argument("--gemm_sizes", default=None, help="comma-separated n of the n x n GEMMs "
-                   "(default 512,1024,2048,4096 on CPU, 2048,4096,8192 elsewhere)")
-    g.add_argument("--gemm_min_time", default=1.0, type=float, help="seconds of timed calls per size and layout")
+                   "(default 1024,2048,4096 on CPU, 2048,4096,8192 elsewhere)")
+    g.add_argument("--gemm_min_time", default=2.0, type=float, help="seconds of timed calls per size and layout")
+    g.add_argument("--gemm_recheck", default=2.0, type=float,
+                   help="seconds of the peak GEMM re-measured before every timed iteration and after the last; "
+                        "each iteration's fraction of the peak uses the two around it (0: off)")
     g.add_argument("--gemm_max_call_s", default=20.0, type=float,
                    help="skip a size whose single call is predicted to take longer than this")
     g = p.add_argument_group("phases")
@@ -526,14 +565,14 @@ def fmt_rate(flops_per_s):
 
 
 def main(argv=None):
+    from util.misc import keep_freed_cpu_memory, resolve_device
+
     args = get_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available on this machine")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit("--device mps: Apple MPS is not available on this machine")
+    device = resolve_device(argparse.Namespace(device=args.device, distributed=False, gpu=0))
+    if device.type == "cpu" and not args.default_malloc:
+        keep_freed_cpu_memory()  # as main_jit.py does
     torch.manual_seed(args.seed)
     log = lambda *a: print(*a, flush=True)  # noqa: E731
     compute_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
@@ -541,6 +580,7 @@ def main(argv=None):
     rec = dict(model=args.model, img_size=args.img_size, device=device.type, device_name=device_name(device),
                precision=args.precision, attn_impl=args.attn_impl, compile=args.compile,
                threads=torch.get_num_threads(), torch=torch.__version__, optimizer_impl=args.optimizer_impl,
+               default_malloc=args.default_malloc,
                loadavg_start=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
     if args.train_iters < 1 or args.sample_iters < 1:
         raise SystemExit("--train_iters and --sample_iters must be >= 1 (skip a phase with --skip_train/--skip_sample)")
@@ -562,13 +602,27 @@ def main(argv=None):
         if args.gemm_sizes:
             sizes = [int(v) for v in args.gemm_sizes.split(",")]
         else:
-            sizes = [512, 1024, 2048, 4096] if device.type == "cpu" else [2048, 4096, 8192]
+            sizes = [1024, 2048, 4096] if device.type == "cpu" else [2048, 4096, 8192]
         log(f"GEMM peak ({str(compute_dtype).replace('torch.', '')}):")
         best, gemm_results = measure_gemm_peak(device, compute_dtype, sizes, args.gemm_min_time, args.gemm_max_call_s,
                                                log)
         peak = best["flops_per_s"]
         rec.update(gemm_dtype=str(compute_dtype).replace("torch.", ""), gemm_peak_flops_per_s=peak,
                    gemm_peak_size=best["size"], gemm_peak_layout=best["layout"], gemm_results=gemm_results)
+
+    def paired_peak():
+        if peak is None or args.gemm_recheck <= 0:
+            return None
+        return PairedPeak(device, compute_dtype, best, args.gemm_recheck)
+
+    def paired_fractions(phase, check, flops_per_iteration, times):
+        if check is None:
+            return {}
+        fractions = check.fractions(flops_per_iteration, times)
+        log(f"  {phase}: {' '.join(f'{100 * f:.1f}%' for f in fractions)} of the peak GEMM measured around each "
+            f"timed iteration ({' '.join(f'{r / 1e9:.1f}' for r in check.rates)} GFLOP/s)")
+        return {f"{phase}_frac_of_paired_peak": statistics.median(fractions),
+                f"{phase}_frac_of_paired_peak_all": fractions, f"{phase}_paired_peak_flops_per_s": check.rates}
 
     # ------------------------------------------------------------------ model and FLOPs
     cond_impl = CONDITIONINGS["class"](args, device)
@@ -586,9 +640,11 @@ def main(argv=None):
     # ------------------------------------------------------------------ training
     if not args.skip_train:
         log(f"training: batch {args.batch_size}, {args.train_warmup} warm-up + {args.train_iters} timed steps")
-        r = run_train(args, model, optimizer, cond_impl, device, log)
+        check = paired_peak()
+        r = run_train(args, model, optimizer, cond_impl, device, log, check)
         r["train_flops_per_s"] = r["train_images_per_s"] * 3 * fwd
         r["train_frac_of_peak"] = None if peak is None else r["train_flops_per_s"] / peak
+        r.update(paired_fractions("train", check, args.batch_size * 3 * fwd, r.pop("train_times")))
         rec.update(r, train_batch_size=args.batch_size, train_iters=args.train_iters)
 
     # ------------------------------------------------------------------ sampling
@@ -596,10 +652,12 @@ def main(argv=None):
         evals = sampling_evaluations(model)
         log(f"sampling: batch {args.gen_bsz}, {args.sampling_method} {args.sampling_steps} steps, cfg {args.cfg} on "
             f"({args.interval_min}, {args.interval_max}): {evals} network evaluations per image")
-        r = run_sample(args, model, cond_impl, device, log)
+        check = paired_peak()
+        r = run_sample(args, model, cond_impl, device, log, check)
         r["sample_flops_per_image"] = evals * fwd
         r["sample_flops_per_s"] = r["sample_images_per_s"] * evals * fwd
         r["sample_frac_of_peak"] = None if peak is None else r["sample_flops_per_s"] / peak
+        r.update(paired_fractions("sample", check, args.gen_bsz * evals * fwd, r.pop("sample_times")))
         # full-schedule estimate: FLOP/s per evaluation carry over, the time scales with the evaluations
         full = sampling_evaluations(model, steps=50, method="heun")
         r["sample_images_per_s_heun50_est"] = r["sample_images_per_s"] * evals / full
@@ -622,6 +680,8 @@ def main(argv=None):
                  ("train model FLOP/s", fmt_rate(rec["train_flops_per_s"])),
                  ("train cpu util", "-" if rec["train_cpu_util"] is None else f"{rec['train_cpu_util']:.2f}"),
                  ("train / GEMM peak", "-" if peak is None else f"{100 * rec['train_frac_of_peak']:.1f} %"),
+                 ("train / paired GEMM peak", "-" if rec.get("train_frac_of_paired_peak") is None
+                  else f"{100 * rec['train_frac_of_paired_peak']:.1f} % (median)"),
                  ("train peak memory", f"{fmt_bytes(rec['train_peak_mem_bytes'])}"
                   + (f" (+{fmt_bytes(rec['train_peak_mem_delta_bytes'])})"
                      if rec["train_peak_mem_delta_bytes"] is not None else ""))]
@@ -632,6 +692,8 @@ def main(argv=None):
                  ("sample model FLOP/s", fmt_rate(rec["sample_flops_per_s"])),
                  ("sample cpu util", "-" if rec["sample_cpu_util"] is None else f"{rec['sample_cpu_util']:.2f}"),
                  ("sample / GEMM peak", "-" if peak is None else f"{100 * rec['sample_frac_of_peak']:.1f} %"),
+                 ("sample / paired GEMM peak", "-" if rec.get("sample_frac_of_paired_peak") is None
+                  else f"{100 * rec['sample_frac_of_paired_peak']:.1f} % (median)"),
                  ("sample peak memory", f"{fmt_bytes(rec['sample_peak_mem_bytes'])}"
                   + (f" (+{fmt_bytes(rec['sample_peak_mem_delta_bytes'])})"
                      if rec["sample_peak_mem_delta_bytes"] is not None else ""))]

@@ -298,6 +298,8 @@ def main(args):
     check_config(args)
     device = misc.resolve_device(args)
     args.precision = misc.resolve_precision(args.precision, device)
+    if device.type == "cpu":
+        misc.keep_freed_cpu_memory()
     misc.seed_everything(args.seed + misc.get_rank())
     log_writer = SummaryWriter(log_dir=args.output_dir) if misc.is_main_process() else None
     if misc.is_main_process():

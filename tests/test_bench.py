@@ -79,7 +79,7 @@ def test_bench_runs_end_to_end_on_a_tiny_config(capsys, tmp_path):
         rec = bench.main(["--model", "JiT-T/4", "--img_size", "16", "--class_num", "10", "--device", "cpu",
                           "--precision", "fp32", "--threads", "1", "--batch_size", "2", "--gen_bsz", "2",
                           "--train_iters", "1", "--train_warmup", "1", "--sampling_steps", "3", "--gemm_sizes", "64",
-                          "--gemm_min_time", "0.05", "--json_out", str(out)])
+                          "--gemm_min_time", "0.05", "--gemm_recheck", "0.05", "--json_out", str(out)])
     finally:
         torch.set_num_threads(threads)
     lines = capsys.readouterr().out.strip().splitlines()
@@ -99,6 +99,14 @@ def test_bench_runs_end_to_end_on_a_tiny_config(capsys, tmp_path):
     assert printed["train_flops_per_s"] == pytest.approx(printed["train_images_per_s"] * 3
                                                          * printed["fwd_flops_per_image"])
     assert any("train / GEMM peak" in line for line in lines)
+    # the peak is the best sustained GEMM rate (not the best single call), re-measured around each timed iteration
+    assert printed["gemm_peak_flops_per_s"] == max(r["flops_per_s"] for r in printed["gemm_results"])
+    assert all(r["flops_per_s"] <= r["best_call_flops_per_s"] for r in printed["gemm_results"])
+    for phase, flops_per_s in (("train", printed["train_flops_per_s"]), ("sample", printed["sample_flops_per_s"])):
+        rates = printed[f"{phase}_paired_peak_flops_per_s"]
+        assert len(rates) == 2 and min(rates) > 0  # 1 timed iteration: before and after it
+        assert printed[f"{phase}_frac_of_paired_peak"] == pytest.approx(flops_per_s / (sum(rates) / 2))
+    assert any("train / paired GEMM peak" in line for line in lines)
 
 
 def test_text_overhead_mode(capsys, tiny_llm_path):
