@@ -303,7 +303,9 @@ class PairedPeak:
     measured seconds around it, not minutes before."""
 
     def __init__(self, device, dtype, best, seconds):
-        self.measure = lambda: gemm_rate(device, dtype, best["size"], best["layout"], seconds)["flops_per_s"]
+        # own generator: the re-measurements must not move the global RNG that the timed steps draw from
+        self.measure = lambda: gemm_rate(device, dtype, best["size"], best["layout"], seconds,
+                                         torch.Generator().manual_seed(0))["flops_per_s"]
         self.rates = []
 
     def __call__(self):

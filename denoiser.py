@@ -90,7 +90,8 @@ class Denoiser(nn.Module):
         return v_uncond + w * (v_cond - v_uncond)
 
     @torch.no_grad()
-    def generate(self, labels):
+    def generate(self, labels, on_step=None):
+        """Samples for labels (B,); on_step() is called after every ODE step (progress bars)."""
         bsz = labels.shape[0]
         z = self.noise_scale * torch.randn(bsz, 3, self.img_size, self.img_size, device=labels.device)
         grid = torch.linspace(0.0, 1.0, self.num_sampling_steps + 1, device=labels.device)
@@ -103,8 +104,13 @@ class Denoiser(nn.Module):
         for i in range(self.num_sampling_steps - 1):
             args = (z, times[i], times[i + 1], grid_values[i], grid_values[i + 1], labels)
             z = self.heun_step(*args) if self.sampling_method == "heun" else self.euler_step(*args)
+            if on_step is not None:
+                on_step()
         # the last step is always Euler, so the network is never queried at t = 1
-        return self.euler_step(z, times[-2], times[-1], grid_values[-2], grid_values[-1], labels)
+        z = self.euler_step(z, times[-2], times[-1], grid_values[-2], grid_values[-1], labels)
+        if on_step is not None:
+            on_step()
+        return z
 
     def euler_step(self, z, t, t_next, t_value, t_next_value, labels):
         return z + (t_next - t) * self.velocity(z, t, t_value, labels)

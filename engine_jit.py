@@ -103,10 +103,13 @@ def generate_uint8(model_without_ddp, labels, device, args, on_batch, desc="samp
     """Sample images for `labels` in batches of gen_bsz; on_batch(uint8 images (B, 3, S, S) on CPU, labels)."""
     model_without_ddp.eval()
     batches = labels.split(args.gen_bsz)
-    for batch_labels in tqdm(batches, desc=desc, disable=not misc.is_main_process()):
-        with misc.autocast(device, args.precision):
-            images = model_without_ddp.generate(batch_labels.to(device))
-        on_batch(to_uint8(images).cpu(), batch_labels)
+    steps = model_without_ddp.num_sampling_steps
+    with tqdm(total=len(batches) * steps, desc=f"{desc} ({len(batches)} batch{'es' if len(batches) > 1 else ''} x "
+                                               f"{steps} steps)", unit="step", disable=not misc.is_main_process()) as bar:
+        for batch_labels in batches:
+            with misc.autocast(device, args.precision):
+                images = model_without_ddp.generate(batch_labels.to(device), on_step=bar.update)
+            on_batch(to_uint8(images).cpu(), batch_labels)
 
 
 def gather_to_main(tensor):

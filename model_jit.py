@@ -72,16 +72,21 @@ class LabelEmbedder(nn.Module):
 
 
 def rope_rotations(rope_cos, rope_sin):
-    """The cos/sin tables as unit complex numbers, one per adjacent channel pair: (rows, head_dim // 2)."""
+    """(cos, sin) of every adjacent channel pair: (rows, head_dim // 2, 2), float32 (float64 for a float64 model)."""
     dtype = torch.promote_types(rope_cos.dtype, torch.float32)
-    return torch.complex(rope_cos[:, 0::2].to(dtype), rope_sin[:, 0::2].to(dtype))
+    return torch.stack((rope_cos[:, 0::2], rope_sin[:, 0::2]), dim=-1).to(dtype)
 
 
 def apply_rope(x, rotations):
     """x * cos + rotate_half(x) * sin with rotate_half(x0, x1, ...) = (-x1, x0, ...): each adjacent channel pair
     (x0, x1) multiplied by cos + i sin, as one complex product (no rotate_half copy, no stack). float32 out for
     float32 or lower inputs, as in the release."""
-    x = x.to(rotations.real.dtype)
+    x = x.to(rotations.dtype)
+    if torch.compiler.is_compiling():  # inductor has no complex kernels; it fuses the same product written out
+        x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
+        cos, sin = rotations.unbind(-1)
+        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    rotations = torch.view_as_complex(rotations)
     return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * rotations).flatten(-2)
 
 

@@ -234,7 +234,11 @@ def test_generate_matches_hand_loop_without_cfg(make_args, method, steps, n_call
                             "--noise_scale", "2.0", "--t_eps", "0.05", "--cfg", "1.0")
     labels = torch.tensor([1, 4, 9])
     torch.manual_seed(5)
-    out = den.generate(labels)
+    calls_at_step = []
+    out = den.generate(labels, on_step=lambda: calls_at_step.append(len(den.net.calls)))
+    # on_step after every ODE step: steps - 1 Heun/Euler steps, then the final Euler step
+    per_step = 2 if method == "heun" else 1
+    assert calls_at_step == [per_step * (i + 1) for i in range(steps - 1)] + [n_calls]
     torch.manual_seed(5)
     z0 = 2.0 * torch.randn(3, 3, 8, 8)  # the first random draw of generate
     assert den.net.calls[0][0].shape == (3, 3, 8, 8)

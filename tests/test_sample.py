@@ -89,10 +89,10 @@ def test_saved_args_are_overridden_by_flags(checkpoint, monkeypatch):
     monkeypatch.setattr(sample, "write_grid", lambda images, path, nrow, captions=None: seen.update(n=len(images)))
     real_generate = Denoiser.generate
 
-    def spy(model, labels):
+    def spy(model, labels, on_step=None):
         seen.update(cfg=model.cfg_scale, interval=model.cfg_interval, steps=model.num_sampling_steps,
                     method=model.sampling_method, labels=labels.tolist())
-        return real_generate(model, labels)
+        return real_generate(model, labels, on_step)
 
     monkeypatch.setattr(Denoiser, "generate", spy)
     sample.main(["--checkpoint", str(checkpoint), "--classes", "7", "--per_class", "3", "--cfg", "2.5",
