@@ -1,6 +1,6 @@
 """JiT in one command, on a laptop CPU: train a small class-conditional JiT on handwritten digits and see it work.
 
-    python demo.py                      # ~13 minutes on 2 CPU cores; writes ./demo_output
+    python demo.py                      # ~12 minutes on 2 CPU cores; writes ./demo_output
     python demo.py --quick              # ~1 minute smoke run (1 epoch, 10 images per digit); ./demo_output_quick
 
 Stages (each one a plain command line you can rerun by hand; they are printed as they start):
