@@ -311,9 +311,14 @@ class PairedPeak:
     def __call__(self):
         self.rates.append(self.measure())
 
-    def fractions(self, flops_per_iteration, times):
-        """Per-iteration achieved FLOP/s over the mean of the peaks measured just before and just after it."""
-        return [flops_per_iteration / t / ((self.rates[i] + self.rates[i + 1]) / 2) for i, t in enumerate(times)]
+    def summary(self, phase, flops_per_iteration, times, log):
+        """Each iteration's achieved FLOP/s over the mean of the peaks measured just before and just after it;
+        JSON fields <phase>_frac_of_paired_peak (the median), ..._all and the peaks."""
+        fractions = [flops_per_iteration / t / ((self.rates[i] + self.rates[i + 1]) / 2) for i, t in enumerate(times)]
+        log(f"  {phase}: {' '.join(f'{100 * f:.1f}%' for f in fractions)} of the peak GEMM measured around each "
+            f"timed iteration ({' '.join(f'{r / 1e9:.1f}' for r in self.rates)} GFLOP/s)")
+        return {f"{phase}_frac_of_paired_peak": statistics.median(fractions),
+                f"{phase}_frac_of_paired_peak_all": fractions, f"{phase}_paired_peak_flops_per_s": self.rates}
 
 
 # ============================================================================================ phases
@@ -358,29 +363,42 @@ def train_step(model, optimizer, cond_impl, x, cond, device, precision):
     return loss
 
 
+def timed_calls(count, call, device, describe=None, log=print, peak_check=None):
+    """call() count times, each one synchronised and timed; describe(i, seconds, result) -> a line to log;
+    peak_check() (a PairedPeak) before every call and after the last. Returns (seconds of each call, process CPU
+    seconds spent inside the calls, the last result)."""
+    times, cpu_seconds, result = [], 0.0, None
+    for i in range(count):
+        if peak_check is not None:
+            peak_check()
+        start, cpu0 = time.perf_counter(), _cpu_seconds()
+        result = call()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+        cpu_seconds += _cpu_seconds() - cpu0
+        if describe is not None:
+            log(describe(i, times[-1], result))
+    if count and peak_check is not None:
+        peak_check()
+    return times, cpu_seconds, result
+
+
 def run_train(args, model, optimizer, cond_impl, device, log, peak_check=None):
     model.train(True)
     gen = torch.Generator().manual_seed(args.seed)
     x = (torch.rand(args.batch_size, 3, args.img_size, args.img_size, generator=gen) * 2 - 1).to(device)
     cond = cond_impl.train_inputs(args.batch_size, gen)
+
+    def step():
+        return train_step(model, optimizer, cond_impl, x, cond, device, args.precision)
+
     with PeakMemory(device) as mem:
-        for i in range(args.train_warmup):
-            start = time.perf_counter()
-            loss = train_step(model, optimizer, cond_impl, x, cond, device, args.precision)
-            synchronize(device)
-            log(f"  train warm-up {i + 1}/{args.train_warmup}: {time.perf_counter() - start:.2f} s")
-        times, cpu_seconds = [], 0.0
-        for i in range(args.train_iters):
-            if peak_check is not None:
-                peak_check()
-            start, cpu0 = time.perf_counter(), _cpu_seconds()
-            loss = train_step(model, optimizer, cond_impl, x, cond, device, args.precision)
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-            cpu_seconds += _cpu_seconds() - cpu0
-            log(f"  train step {i + 1}/{args.train_iters}: {times[-1]:.2f} s (loss {loss.item():.4f})")
-        if peak_check is not None:
-            peak_check()
+        timed_calls(args.train_warmup, step, device,
+                    lambda i, t, _: f"  train warm-up {i + 1}/{args.train_warmup}: {t:.2f} s", log)
+        times, cpu_seconds, loss = timed_calls(
+            args.train_iters, step, device,
+            lambda i, t, loss: f"  train step {i + 1}/{args.train_iters}: {t:.2f} s (loss {loss.item():.4f})", log,
+            peak_check)
     total = sum(times)
     cpu_util = cpu_seconds / (total * torch.get_num_threads()) if device.type == "cpu" else None
     return dict(train_cpu_util=cpu_util, train_step_s=total / len(times), train_step_s_min=min(times), train_times=times,
@@ -405,31 +423,22 @@ class _RowCounter:
 def run_sample(args, model, cond_impl, device, log, peak_check=None):
     model.eval()
     cond = cond_impl.sample_inputs(args.gen_bsz)
+
+    def generate():
+        with autocast(device, args.precision):
+            return cond_impl.generate(model, cond)
+
     with PeakMemory(device) as mem:
         # warm-up: a 2-step schedule queries the network at t = 0 and t = 0.5, so with the default interval both
         # batch shapes (B, and 2B for cond+null) are compiled / allocated before the timing
-        for i in range(args.sample_warmup):
-            steps, model.num_sampling_steps = model.num_sampling_steps, min(2, model.num_sampling_steps)
-            start = time.perf_counter()
-            with autocast(device, args.precision):
-                cond_impl.generate(model, cond)
-            synchronize(device)
-            model.num_sampling_steps = steps
-            log(f"  sample warm-up {i + 1}/{args.sample_warmup} (2 steps): {time.perf_counter() - start:.2f} s")
+        steps, model.num_sampling_steps = model.num_sampling_steps, min(2, model.num_sampling_steps)
+        timed_calls(args.sample_warmup, generate, device,
+                    lambda i, t, _: f"  sample warm-up {i + 1}/{args.sample_warmup} (2 steps): {t:.2f} s", log)
+        model.num_sampling_steps = steps
         counter = None if args.compile else _RowCounter(model.net)
-        times, cpu_seconds = [], 0.0
-        for i in range(args.sample_iters):
-            if peak_check is not None:
-                peak_check()
-            start, cpu0 = time.perf_counter(), _cpu_seconds()
-            with autocast(device, args.precision):
-                images = cond_impl.generate(model, cond)
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-            cpu_seconds += _cpu_seconds() - cpu0
-            log(f"  sample batch {i + 1}/{args.sample_iters}: {times[-1]:.2f} s")
-        if peak_check is not None:
-            peak_check()
+        times, cpu_seconds, images = timed_calls(
+            args.sample_iters, generate, device,
+            lambda i, t, _: f"  sample batch {i + 1}/{args.sample_iters}: {t:.2f} s", log, peak_check)
         if counter is not None:
             counter.remove()
     assert images.shape == (args.gen_bsz, 3, args.img_size, args.img_size)
@@ -523,6 +532,11 @@ def text_overhead(args, device, log):
     x = (torch.rand(args.batch_size, 3, args.img_size, args.img_size, generator=gen) * 2 - 1).to(device)
     ids = torch.arange(args.batch_size, device=device)
     seconds = {}
+
+    def mean_seconds(call):
+        timed_calls(args.train_warmup, call, device)
+        return statistics.mean(timed_calls(args.train_iters, call, device)[0])
+
     for kind in ("class", "text"):
         argv = ["--model", args.model + ("-Text" if kind == "text" else ""), "--img_size", str(args.img_size),
                 "--class_num", str(args.batch_size), "--llm_model_name", args.text_llm, "--attn_impl", args.attn_impl]
@@ -531,20 +545,9 @@ def text_overhead(args, device, log):
             encoder = model.net.y_embedder.encoder
             model.net.y_embedder.set_captions(captions, embed_captions(encoder, captions, None, progress=False))
         optimizer = build_optimizer(model, args.lr, args.weight_decay, device)
-        for i in range(args.train_warmup + args.train_iters):
-            if i == args.train_warmup:
-                synchronize(device)
-                start = time.perf_counter()
-            train_step(model, optimizer, ClassConditioning(args, device), x, ids, device, args.precision)
-        synchronize(device)
-        seconds[kind] = (time.perf_counter() - start) / args.train_iters
-    for i in range(args.train_warmup + args.train_iters):
-        if i == args.train_warmup:
-            synchronize(device)
-            start = time.perf_counter()
-        encoder.pooled_features(captions)
-    synchronize(device)
-    seconds["llm"] = (time.perf_counter() - start) / args.train_iters
+        seconds[kind] = mean_seconds(lambda: train_step(model, optimizer, ClassConditioning(args, device), x, ids,
+                                                        device, args.precision))
+    seconds["llm"] = mean_seconds(lambda: encoder.pooled_features(captions))
     rec = {"model": args.model, "text_llm": args.text_llm, "batch_size": args.batch_size,
            "class_step_s": seconds["class"], "text_step_cached_s": seconds["text"],
            "text_overhead": seconds["text"] / seconds["class"] - 1, "llm_per_step_s": seconds["llm"],
@@ -573,8 +576,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(argparse.Namespace(device=args.device, distributed=False, gpu=0))
-    if device.type == "cpu" and not args.default_malloc:
-        keep_freed_cpu_memory()  # as main_jit.py does
+    if not args.default_malloc:
+        keep_freed_cpu_memory(device)  # as main_jit.py does
     torch.manual_seed(args.seed)
     log = lambda *a: print(*a, flush=True)  # noqa: E731
     compute_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
@@ -613,18 +616,8 @@ def main(argv=None):
                    gemm_peak_size=best["size"], gemm_peak_layout=best["layout"], gemm_results=gemm_results)
 
     def paired_peak():
-        if peak is None or args.gemm_recheck <= 0:
-            return None
-        return PairedPeak(device, compute_dtype, best, args.gemm_recheck)
-
-    def paired_fractions(phase, check, flops_per_iteration, times):
-        if check is None:
-            return {}
-        fractions = check.fractions(flops_per_iteration, times)
-        log(f"  {phase}: {' '.join(f'{100 * f:.1f}%' for f in fractions)} of the peak GEMM measured around each "
-            f"timed iteration ({' '.join(f'{r / 1e9:.1f}' for r in check.rates)} GFLOP/s)")
-        return {f"{phase}_frac_of_paired_peak": statistics.median(fractions),
-                f"{phase}_frac_of_paired_peak_all": fractions, f"{phase}_paired_peak_flops_per_s": check.rates}
+        return None if peak is None or args.gemm_recheck <= 0 else PairedPeak(device, compute_dtype, best,
+                                                                            args.gemm_recheck)
 
     # ------------------------------------------------------------------ model and FLOPs
     cond_impl = CONDITIONINGS["class"](args, device)
@@ -646,7 +639,9 @@ def main(argv=None):
         r = run_train(args, model, optimizer, cond_impl, device, log, check)
         r["train_flops_per_s"] = r["train_images_per_s"] * 3 * fwd
         r["train_frac_of_peak"] = None if peak is None else r["train_flops_per_s"] / peak
-        r.update(paired_fractions("train", check, args.batch_size * 3 * fwd, r.pop("train_times")))
+        times = r.pop("train_times")
+        if check is not None:
+            r.update(check.summary("train", args.batch_size * 3 * fwd, times, log))
         rec.update(r, train_batch_size=args.batch_size, train_iters=args.train_iters)
 
     # ------------------------------------------------------------------ sampling
@@ -659,7 +654,9 @@ def main(argv=None):
         r["sample_flops_per_image"] = evals * fwd
         r["sample_flops_per_s"] = r["sample_images_per_s"] * evals * fwd
         r["sample_frac_of_peak"] = None if peak is None else r["sample_flops_per_s"] / peak
-        r.update(paired_fractions("sample", check, args.gen_bsz * evals * fwd, r.pop("sample_times")))
+        times = r.pop("sample_times")
+        if check is not None:
+            r.update(check.summary("sample", args.gen_bsz * evals * fwd, times, log))
         # full-schedule estimate: FLOP/s per evaluation carry over, the time scales with the evaluations
         full = sampling_evaluations(model, steps=50, method="heun")
         r["sample_images_per_s_heun50_est"] = r["sample_images_per_s"] * evals / full

@@ -101,15 +101,13 @@ class Denoiser(nn.Module):
         times = grid.view(-1, 1, 1, 1, 1).expand(-1, bsz, 1, 1, 1)
         if self.sampling_method not in ("euler", "heun"):
             raise ValueError(f"--sampling_method must be euler or heun, got {self.sampling_method!r}")
-        for i in range(self.num_sampling_steps - 1):
+        for i in range(self.num_sampling_steps):
             args = (z, times[i], times[i + 1], grid_values[i], grid_values[i + 1], labels)
-            z = self.heun_step(*args) if self.sampling_method == "heun" else self.euler_step(*args)
+            # the last step is always Euler, so the network is never queried at t = 1
+            last = i == self.num_sampling_steps - 1
+            z = self.heun_step(*args) if self.sampling_method == "heun" and not last else self.euler_step(*args)
             if on_step is not None:
                 on_step()
-        # the last step is always Euler, so the network is never queried at t = 1
-        z = self.euler_step(z, times[-2], times[-1], grid_values[-2], grid_values[-1], labels)
-        if on_step is not None:
-            on_step()
         return z
 
     def euler_step(self, z, t, t_next, t_value, t_next_value, labels):

@@ -104,8 +104,8 @@ def generate_uint8(model_without_ddp, labels, device, args, on_batch, desc="samp
     model_without_ddp.eval()
     batches = labels.split(args.gen_bsz)
     steps = model_without_ddp.num_sampling_steps
-    with tqdm(total=len(batches) * steps, desc=f"{desc} ({len(batches)} batch{'es' if len(batches) > 1 else ''} x "
-                                               f"{steps} steps)", unit="step", disable=not misc.is_main_process()) as bar:
+    with tqdm(total=len(batches) * steps, desc=f"{desc} ({len(batches)} x {steps} steps)", unit="step",
+              disable=not misc.is_main_process()) as bar:
         for batch_labels in batches:
             with misc.autocast(device, args.precision):
                 images = model_without_ddp.generate(batch_labels.to(device), on_step=bar.update)

@@ -41,8 +41,8 @@ def get_args_parser():
     parser.add_argument("--attn_impl", default="sdpa", choices=ATTN_IMPLS,
                         help="sdpa: fused attention kernel; fp32: the release's float32 logits and softmax")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the JiT network (training and sampling; ~1 min of compilation per batch "
-                             "shape, then fused norms, modulation and SwiGLU; see README, Speed)")
+                        help="torch.compile the JiT network (training and sampling; ~2 min of compilation per batch "
+                             "shape on a CPU; see README, Benchmark)")
     # training
     parser.add_argument("--epochs", default=200, type=int)
     parser.add_argument("--warmup_epochs", default=5, type=int, help="linear LR warm-up length in epochs")
@@ -298,8 +298,7 @@ def main(args):
     check_config(args)
     device = misc.resolve_device(args)
     args.precision = misc.resolve_precision(args.precision, device)
-    if device.type == "cpu":
-        misc.keep_freed_cpu_memory()
+    misc.keep_freed_cpu_memory(device)
     misc.seed_everything(args.seed + misc.get_rank())
     log_writer = SummaryWriter(log_dir=args.output_dir) if misc.is_main_process() else None
     if misc.is_main_process():

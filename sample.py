@@ -177,8 +177,7 @@ def main(argv=None):
     ema = cli.ema if cli.ema is not None else getattr(saved, "eval_ema", 1) if saved is not None else 1
     device = misc.resolve_device(argparse.Namespace(device=cli.device, distributed=False, gpu=0))
     args.precision = misc.resolve_precision(cli.precision, device)
-    if device.type == "cpu":
-        misc.keep_freed_cpu_memory()
+    misc.keep_freed_cpu_memory(device)
 
     try:
         model = Denoiser(args)
