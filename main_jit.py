@@ -265,6 +265,17 @@ def save_for_resume(args, model_without_ddp, optimizer, stop_requests, epoch, ne
     return True
 
 
+def distribute(model, device):
+    """DDP, which broadcasts rank 0's weights, then rank 0's EMA tracks too: they are not module state, and each rank
+    built its own from its own seed (the release copies its EMA after DDP's broadcast). Without this every rank but
+    0 would sample its share of an online evaluation from an EMA of another random init."""
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    for track in model.ema_params:
+        for tensor in track:
+            torch.distributed.broadcast(tensor, src=0)
+    return ddp
+
+
 def check_output_dir(output_dir):
     try:
         os.makedirs(output_dir, exist_ok=True)
@@ -334,8 +345,7 @@ def main(args):
     data_loader = build_train_loader(args, dataset)
     steps_per_epoch = data_loader.sampler.num_samples // args.batch_size
     if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = distribute(model_without_ddp, device)
     stop_requests = StopRequests(args.save_every_minutes)
     save = functools.partial(save_for_resume, args, model_without_ddp, optimizer, stop_requests,
                              steps_per_epoch=steps_per_epoch)

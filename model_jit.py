@@ -216,7 +216,10 @@ class JiT(nn.Module):
         self.x_embedder = BottleneckPatchEmbed(patch_size, in_channels, bottleneck_dim, hidden_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size ** 2, hidden_size), requires_grad=False)
         if in_context_len > 0:
+            # drawn here, between the patch embedding and the blocks, as the release does: the same seed then
+            # gives the release's initial weights (every later module's default init consumes the same draws)
             self.in_context_posemb = nn.Parameter(torch.zeros(1, in_context_len, hidden_size))
+            nn.init.normal_(self.in_context_posemb, std=0.02)
         # RoPE tables follow .to(device) but stay out of the state_dict; the first in_context_len rows
         # (unrotated) are used from block in_context_start on, when the in-context tokens are in the sequence
         rope_cos, rope_sin = rope_2d_tables(hidden_size // num_heads, self.grid_size, in_context_len)
@@ -245,8 +248,6 @@ class JiT(nn.Module):
         nn.init.zeros_(self.x_embedder.proj2.bias)
         if isinstance(self.y_embedder, LabelEmbedder):
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        if self.in_context_len > 0:
-            nn.init.normal_(self.in_context_posemb, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         zero_init = [block.adaLN_modulation[-1] for block in self.blocks]

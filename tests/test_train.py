@@ -113,6 +113,24 @@ def one_step_model():
     return model, torch.optim.SGD(model.parameters(), lr=0.1)
 
 
+def test_ema_tracks_identical_across_ranks_from_scratch(tmp_path):
+    """Each rank builds its EMA tracks from its own seed; after main_jit's DDP set-up they must all be rank 0's."""
+    out = tmp_path / "ema"
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/ddp_ema.py", out])
+    ranks = [torch.load(f"{out}.rank{r}") for r in range(2)]
+    for when in ("start", "steps"):
+        (live0, tracks0), (live1, tracks1) = ranks[0][when], ranks[1][when]
+        for key in live0:
+            assert torch.equal(live0[key], live1[key]), (when, key)
+        for track in range(2):
+            for t0, t1 in zip(tracks0[track], tracks1[track], strict=True):
+                assert torch.equal(t0, t1), (when, track)
+    # at start-up the tracks are copies of the (broadcast) live weights; after the steps they have moved
+    live0, tracks0 = ranks[0]["start"]
+    assert all(torch.equal(p, t) for p, t in zip(live0.values(), tracks0[0], strict=True))
+    assert not torch.equal(ranks[0]["steps"][1][0][-1], ranks[0]["start"][1][0][-1])
+
+
 def test_ddp_two_ranks_equal_one_process(tmp_path):
     out = tmp_path / "ddp.pth"
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
