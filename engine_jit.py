@@ -85,9 +85,9 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, device, ep
             preempt, periodic = stop_requests.poll()
             if preempt or periodic:
                 check_finite(first_bad_step, epoch)  # never write a checkpoint with diverged weights
-                save_for_resume(epoch, step + 1)
+                saved = save_for_resume(epoch, step + 1)
             if preempt:
-                raise Preempted(f"epoch {epoch} step {step + 1}")
+                raise Preempted(f"epoch {epoch} step {step + 1}", saved)
 
 
 def eval_labels(num_images, label_ids, rank, world_size):

@@ -243,7 +243,8 @@ def save_for_resume(args, model_without_ddp, optimizer, stop_requests, epoch, ne
                     name="last"):
     """Checkpoint (collective: every rank hands its RNG states to rank 0) to continue at (epoch, next_step).
     Its official `epoch` is the last complete epoch, so the original code restarts an unfinished one.
-    A failed write (disk full, ...) is reported and the previous checkpoint stays."""
+    A failed write (disk full, ...) is reported in one line, the previous checkpoint stays, and every rank returns
+    False."""
     if not all(torch.isfinite(p).all() for p in model_without_ddp.parameters()):  # same weights on every rank
         raise SystemExit(f"non-finite weights at epoch {epoch} step {next_step}: training stopped before any "
                          f"checkpoint was written with these weights")
@@ -253,16 +254,20 @@ def save_for_resume(args, model_without_ddp, optimizer, stop_requests, epoch, ne
         torch.distributed.all_gather_object(rng, rng_state())
     complete = next_step == steps_per_epoch
     resume_state = {"epoch": epoch + 1 if complete else epoch, "step": 0 if complete else next_step, "rng": rng}
+    saved = [True]
     if misc.is_main_process():
         path = os.path.join(args.output_dir, f"checkpoint-{name}.pth")
         try:
             save_checkpoint(path, model_without_ddp, optimizer, epoch if complete else epoch - 1, args, resume_state)
         except OSError as e:
-            print(f"ERROR: could not write {path} ({e}); the previous checkpoint is kept", force=True)
-            return False
+            kept = "the previous one is kept unchanged" if os.path.exists(path) else "there is no previous one"
+            print(f"ERROR: could not write {path} ({e.strerror or e}); {kept}", force=True)
+            saved = [False]
+    if misc.is_dist_avail_and_initialized():
+        torch.distributed.broadcast_object_list(saved, src=0)  # every rank reports (and exits) alike
     if stop_requests is not None:
-        stop_requests.saved()
-    return True
+        stop_requests.saved()  # a failed periodic save is retried one period later, not at every step
+    return saved[0]
 
 
 def distribute(model, device):
@@ -352,6 +357,7 @@ def main(args):
 
     print(f"training epochs {start_epoch}..{args.epochs - 1}")
     start_time = time.time()
+    last_saved = True  # whether the latest checkpoint-last.pth write (the last epoch's, at the end) succeeded
     for epoch in range(start_epoch, args.epochs):
         first_step = start_step if epoch == start_epoch else 0
         data_loader.sampler.set_epoch(epoch, start_index=first_step * args.batch_size)
@@ -359,12 +365,15 @@ def main(args):
             train_one_epoch(model, model_without_ddp, data_loader, optimizer, device, epoch, log_writer, args,
                             start_step=first_step, stop_requests=stop_requests, save_for_resume=save)
         except Preempted as e:
+            if not e.saved:
+                raise SystemExit(f"preempted ({stop_requests.signal_received}) at {e}: checkpoint-last.pth could "
+                                 f"not be written (see the error above); exiting with status 1")
             print(f"preempted ({stop_requests.signal_received}) at {e}: checkpoint-last.pth saved; "
                   f"exiting with status {PREEMPTED_EXIT_CODE}", force=True)
             sys.exit(PREEMPTED_EXIT_CODE)
         last_epoch = epoch + 1 == args.epochs
         if epoch % args.save_last_freq == 0 or last_epoch:
-            save(epoch, steps_per_epoch)
+            last_saved = save(epoch, steps_per_epoch)
         if epoch % 100 == 0 and epoch > 0:
             save(epoch, steps_per_epoch, name=str(epoch))
         if args.online_eval and (epoch % args.eval_freq == 0 or last_epoch):
@@ -373,6 +382,9 @@ def main(args):
         if log_writer is not None:
             log_writer.flush()
     print(f"training time {time.strftime('%H:%M:%S', time.gmtime(time.time() - start_time))}")
+    if not last_saved:
+        raise SystemExit(f"the final checkpoint-last.pth of epoch {args.epochs - 1} could not be written "
+                         f"(see the error above)")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 bad data and bad configuration."""
 import glob
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import util.misc as misc
 from denoiser import Denoiser
 from main_jit import check_config, get_args_parser, resume
 from util.checkpoint import read_checkpoint, save_checkpoint
@@ -152,30 +154,67 @@ def test_sigterm_under_torchrun_saves_and_exits_with_documented_status(image_fol
     assert read_checkpoint(out / "checkpoint-last.pth")["epoch"] == 0
 
 
-def test_single_process_sigterm_exit_status(image_folder, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_single_process_preemption_saves_and_exits_with_documented_status(image_folder, tmp_path, sig):
     run = Running(train_cmd(image_folder, tmp_path, "--epochs", "50", "--save_every_minutes", "0"))
     assert run.wait_for(lambda log: "Epoch [0] [1/4]" in log, poll=0.05), run.log
-    run.proc.send_signal(signal.SIGUSR1)
+    run.proc.send_signal(sig)
     assert run.finish() == PREEMPTED_EXIT_CODE, run.log
-    assert read_checkpoint(tmp_path / "checkpoint-last.pth")["resume_state"]["step"] >= 1
+    step = read_checkpoint(tmp_path / "checkpoint-last.pth")["resume_state"]["step"]
+    assert step >= 1
+    assert (f"preempted ({sig.name}) at epoch 0 step {step}: checkpoint-last.pth saved; exiting with status "
+            f"{PREEMPTED_EXIT_CODE}") in run.log
 
 
-def test_divergence_stops_before_overwriting_the_checkpoint(image_folder, tmp_path):
-    ok = subprocess.run(train_cmd(image_folder, tmp_path, "--epochs", "1", "--save_every_minutes", "0"), cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
-    assert ok.returncode == 0, ok.stderr
-    before = (tmp_path / "checkpoint-last.pth").read_bytes()
-    for lr, save_every, what in [("1e30", "0", "loss"), ("inf", "1e-6", "weights")]:
-        # 1e30: huge but finite weights, the loss of the next step overflows; inf: NaN weights right away, caught
-        # by the check that precedes every checkpoint write
-        bad = subprocess.run(train_cmd(image_folder, tmp_path, "--epochs", "2", "--resume", tmp_path, "--lr", lr,
-                                       "--save_every_minutes", save_every),
-                             cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert bad.returncode == 1
-        message = bad.stderr.strip().splitlines()[-1]
-        assert message.startswith(f"non-finite {what} at epoch 1 step "), message
-        assert message.endswith("training stopped before any checkpoint was written with these weights")
-        assert (tmp_path / "checkpoint-last.pth").read_bytes() == before
+# a full disk under util.checkpoint.save_checkpoint: part of the file is written, then the write fails
+DISK_FULL = """
+import errno, runpy, sys
+import torch
+
+def disk_full(obj, f, *args, **kwargs):
+    f.write(b"partial")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+torch.save = disk_full
+sys.argv = sys.argv[1:]
+runpy.run_path("main_jit.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_failed_saves_keep_the_previous_checkpoint_and_say_so(image_folder, tmp_path):
+    path = tmp_path / "checkpoint-last.pth"
+    cmd = [sys.executable, "-c", DISK_FULL, *train_cmd(image_folder, tmp_path, "--epochs", "2", "--resume", tmp_path,
+                                                       "--save_last_freq", "1")[1:]]
+    args = get_args_parser().parse_args(cmd[4:])
+    model = Denoiser(args)
+    optimizer = misc.build_optimizer(model, 1e-4, 0.0, torch.device("cpu"))
+    save_checkpoint(path, model, optimizer, 0, args)  # the previous checkpoint, as after epoch 0
+    before = path.read_bytes()
+    error = f"ERROR: could not write {path} (No space left on device); the previous one is kept unchanged"
+
+    # epoch 1: every periodic save (each step) and the end-of-epoch save fail, training goes on; the final save
+    # failing is fatal
+    full = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    log = full.stdout + full.stderr
+    assert full.returncode == 1, log
+    assert full.stderr.strip().splitlines()[-1] == (
+        "the final checkpoint-last.pth of epoch 1 could not be written (see the error above)")
+    assert "continuing at epoch 1 step 0" in log and "Epoch [1] [4/4]" in log
+    assert [line.split("] ", 1)[-1] for line in log.splitlines() if "ERROR" in line] == [error] * 5  # 4 + 1
+    assert path.read_bytes() == before and not glob.glob(str(tmp_path / "*.tmp.*"))
+
+    # preemption: the failed save is not reported as saved, and the status is not the requeue status
+    run = Running([*cmd, "--epochs", "50", "--save_every_minutes", "0"])
+    assert run.wait_for(lambda log: "Epoch [1] [1/4]" in log, poll=0.05), run.log
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == 1, run.log
+    lines = run.log.strip().splitlines()
+    assert lines[-2].endswith(error), run.log
+    assert re.fullmatch(r"preempted \(SIGTERM\) at epoch 1 step [1-4]: checkpoint-last.pth could not be written "
+                        r"\(see the error above\); exiting with status 1", lines[-1]), run.log
+    assert "saved" not in run.log.split("received SIGTERM")[1]
+    assert path.read_bytes() == before and not glob.glob(str(tmp_path / "*.tmp.*"))
 
 
 # ------------------------------------------------------------------ bad data

@@ -135,8 +135,12 @@ def save_checkpoint(path, denoiser, optimizer, epoch, args, resume_state=None):
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
         raise
-    folder_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(folder_fd)  # make the rename itself durable
-    finally:
-        os.close(folder_fd)
+    try:  # make the rename itself durable; the checkpoint is written either way, so a folder that cannot be
+        # fsynced (some network file systems, Windows) must not turn this save into a reported failure
+        folder_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(folder_fd)
+        finally:
+            os.close(folder_fd)
+    except OSError:
+        pass

@@ -23,7 +23,12 @@ def ignore_stop_signals(worker_id=None):
 
 
 class Preempted(Exception):
-    """Raised after the preemption checkpoint is written; main_jit.py exits with PREEMPTED_EXIT_CODE."""
+    """Raised after the attempt to write the preemption checkpoint; main_jit.py exits with PREEMPTED_EXIT_CODE when
+    it was written (`saved`), else with 1: a requeued run would not continue from this step."""
+
+    def __init__(self, where, saved):
+        super().__init__(where)
+        self.saved = saved
 
 
 class StopRequests:
