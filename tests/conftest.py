@@ -4,7 +4,9 @@ Everything runs on the CPU with tiny configs (JiT-T/4 at 32 px or small custom J
 configs are only built on the meta device.
 """
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -12,6 +14,16 @@ import torch
 # no test may reach for the network: Inception falls back to the packaged offline network, hubs are off
 os.environ["JIT_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
+# nor read or write the user's caches: converted Inception weights and caption features go to a temporary
+# $JIT_CACHE_DIR, torch.hub's folder (where torch-fidelity's Inception download would be found) is an empty
+# temporary $TORCH_HOME. Set here, before any test module is imported; subprocesses inherit both.
+SESSION_CACHE = tempfile.mkdtemp(prefix="jit_test_cache_")
+os.environ["JIT_CACHE_DIR"] = os.path.join(SESSION_CACHE, "jit")
+os.environ["TORCH_HOME"] = os.path.join(SESSION_CACHE, "torch")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:

