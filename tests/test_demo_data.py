@@ -94,6 +94,7 @@ def test_loss_curve_from_tensorboard(tmp_path):
     assert image.size[0] >= 320 and image.size[1] >= 200
 
 
+@pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "quick"
     result = subprocess.run([sys.executable, "demo.py", "--quick", "--out", str(out), "--device", "cpu"], cwd=REPO,

@@ -148,6 +148,7 @@ def two_sets_features(net, two_sets):
     return pool1, pool2
 
 
+@pytest.mark.slow
 def test_fid_matches_torch_fidelity_folder_path(net, converted, two_sets, two_sets_features, tmp_path):
     pool1, pool2 = two_sets_features
     stats_file = str(tmp_path / "ref.npz")
@@ -275,6 +276,7 @@ def run_prepare_ref(*argv):
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_prepare_ref_end_to_end(net, converted, tmp_path):
     sources = photos()[:4]
     data = tmp_path / "imagenet"

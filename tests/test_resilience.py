@@ -82,11 +82,13 @@ class Running:
 
 
 def run_until(cmd, kill_when):
-    """Start cmd; SIGKILL it as soon as kill_when(log_so_far) is true (polled every ms). Returns the log."""
+    """Start cmd; SIGKILL it as soon as kill_when(log_so_far) is true (polled every ms). Returns the log; fails
+    unless the condition was met and the kill is what ended the process."""
     run = Running(cmd)
-    run.wait_for(kill_when)
+    fired = run.wait_for(kill_when)
     run.proc.send_signal(signal.SIGKILL)
-    run.finish()
+    code = run.finish()
+    assert fired and code == -signal.SIGKILL, f"exit status {code}, kill condition met: {fired}\n{run.log}"
     return run.log
 
 
@@ -100,6 +102,7 @@ def assert_same_checkpoint(a, b):
     assert a["epoch"] == b["epoch"]
 
 
+@pytest.mark.slow
 def test_sigkill_anywhere_then_resume_equals_uninterrupted_run(image_folder, tmp_path):
     reference = subprocess.run(train_cmd(image_folder, tmp_path / "ref"), cwd=REPO, capture_output=True,
                                text=True, timeout=600)
@@ -108,19 +111,22 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted_run(image_folder, tmp
     assert len(expected) == 12  # 3 epochs x 4 steps
 
     out = tmp_path / "killed"
-    writing = lambda log: bool(glob.glob(str(out / "checkpoint-last.pth.tmp.*")))  # noqa: E731
+    temporaries = lambda: glob.glob(str(out / "checkpoint-last.pth.tmp.*"))  # noqa: E731
+    # the temporary file exists only between the open and the rename of a write (here 0.2-1.3 s for the 84 MB
+    # checkpoint, polled every ms): a kill as soon as it appears lands inside the write, which its leftover proves
     kill_points = [
-        lambda log: "Epoch [0] [2/4]" in log,                    # mid-epoch, between saves
-        lambda log: "Epoch [1] [1/4]" in log and writing(log),   # during a checkpoint write
-        lambda log: "Epoch [2] [1/4]" in log,                    # right after an epoch boundary
+        ("mid-epoch", lambda log: "Epoch [0] [2/4]" in log),
+        ("inside a checkpoint write", lambda log: "Epoch [1] [1/4]" in log and bool(temporaries())),
+        ("right after an epoch boundary", lambda log: "Epoch [2] [1/4]" in log),
     ]
-    losses, logs = {}, []
-    for kill_when in kill_points:
+    losses = {}
+    for where, kill_when in kill_points:
         log = run_until(train_cmd(image_folder, out, "--resume", out), kill_when)
-        logs.append(log)
         losses.update(step_losses(log))
+        if where == "inside a checkpoint write":
+            assert temporaries(), "the kill came after the write had finished"
         ckpt = read_checkpoint(out / "checkpoint-last.pth")  # never torn: always loadable
-        assert "resume_state" in ckpt
+        assert "resume_state" in ckpt, where
     final = subprocess.run(train_cmd(image_folder, out, "--resume", out), cwd=REPO, capture_output=True,
                            text=True, timeout=600)
     assert final.returncode == 0, final.stderr
@@ -132,6 +138,7 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted_run(image_folder, tmp
                            read_checkpoint(out / "checkpoint-last.pth"))
 
 
+@pytest.mark.slow
 def test_sigterm_under_torchrun_saves_and_exits_with_documented_status(image_folder, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main_jit.py",
@@ -215,6 +222,25 @@ def test_failed_saves_keep_the_previous_checkpoint_and_say_so(image_folder, tmp_
                         r"\(see the error above\); exiting with status 1", lines[-1]), run.log
     assert "saved" not in run.log.split("received SIGTERM")[1]
     assert path.read_bytes() == before and not glob.glob(str(tmp_path / "*.tmp.*"))
+
+
+@pytest.mark.slow
+def test_divergence_stops_before_overwriting_the_checkpoint(image_folder, tmp_path):
+    ok = subprocess.run(train_cmd(image_folder, tmp_path, "--epochs", "1", "--save_every_minutes", "0"), cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    before = (tmp_path / "checkpoint-last.pth").read_bytes()
+    for lr, save_every, what in [("1e30", "0", "loss"), ("inf", "1e-6", "weights")]:
+        # 1e30: huge but finite weights, the loss of the next step overflows; inf: NaN weights right away, caught
+        # by the check that precedes every checkpoint write
+        bad = subprocess.run(train_cmd(image_folder, tmp_path, "--epochs", "2", "--resume", tmp_path, "--lr", lr,
+                                       "--save_every_minutes", save_every),
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 1
+        message = bad.stderr.strip().splitlines()[-1]
+        assert message.startswith(f"non-finite {what} at epoch 1 step "), message
+        assert message.endswith("training stopped before any checkpoint was written with these weights")
+        assert (tmp_path / "checkpoint-last.pth").read_bytes() == before
 
 
 # ------------------------------------------------------------------ bad data

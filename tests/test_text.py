@@ -360,6 +360,7 @@ def smollm2_path(request, tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_real_llm_japanese_captions(smollm2_path, tmp_path):
     enc = LLMTextEncoder(smollm2_path, hidden_size=64)
     assert enc.llm_hidden_size == 576

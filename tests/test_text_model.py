@@ -147,6 +147,7 @@ def caption_folder(tmp_path):
     return root
 
 
+@pytest.mark.slow
 def test_main_trains_and_evaluates_a_text_model(caption_folder, tiny_llm_path, tmp_path):
     from util import fid
     out = tmp_path / "out"

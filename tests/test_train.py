@@ -49,6 +49,7 @@ def torchrun(*args):
             "main_jit.py", *TINY, *map(str, args)]
 
 
+@pytest.mark.slow
 def test_torchrun_train_resume_evaluate(image_folder, tmp_path):
     out = tmp_path / "out"
     common = ["--data_path", image_folder, "--output_dir", out, "--batch_size", 4, "--num_workers", 1,
@@ -113,6 +114,7 @@ def one_step_model():
     return model, torch.optim.SGD(model.parameters(), lr=0.1)
 
 
+@pytest.mark.slow
 def test_ema_tracks_identical_across_ranks_from_scratch(tmp_path):
     """Each rank builds its EMA tracks from its own seed; after main_jit's DDP set-up they must all be rank 0's."""
     out = tmp_path / "ema"
@@ -131,6 +133,7 @@ def test_ema_tracks_identical_across_ranks_from_scratch(tmp_path):
     assert not torch.equal(ranks[0]["steps"][1][0][-1], ranks[0]["start"][1][0][-1])
 
 
+@pytest.mark.slow
 def test_ddp_two_ranks_equal_one_process(tmp_path):
     out = tmp_path / "ddp.pth"
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
