@@ -415,6 +415,34 @@ def test_text_image_dataset_error_names_path(tmp_path, bad):
     assert str(root / BAD_PATHS[bad]) in message
 
 
+def test_empty_caption_file_stops_main_with_one_line_naming_it(tmp_path, make_args):
+    from main_jit import build_dataset
+    root = make_text_image_root(tmp_path / "ds", {**GOOD, "empty.png": ""})
+    with pytest.raises(SystemExit) as info:
+        build_dataset(make_args("--data_path", str(root)), text=True)
+    message = str(info.value)
+    assert "\n" not in message and str(root / "captions" / "empty.txt") in message and "empty caption" in message
+
+
+def test_prompts_file_with_a_blank_line_stops_naming_the_file(tmp_path):
+    import argparse
+
+    import sample
+    from main_jit import read_prompts
+    path = tmp_path / "prompts.txt"
+    path.write_text("\ufeff白い猫\nred car\n", encoding="utf-8")
+    assert read_prompts(str(path)) == ["白い猫", "red car"]
+    for text, problem in (("白い猫\n\nred car\n", "line 2 is blank"), ("白い猫\n   \n", "line 2 is blank"),
+                          ("", "no prompts")):
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(SystemExit) as info:
+            read_prompts(str(path))
+        assert str(info.value).startswith(f"--prompts_file {path}: {problem}") and "\n" not in str(info.value)
+        with pytest.raises(SystemExit) as info:  # sample.py reads prompt files the same way
+            sample.read_prompts(argparse.Namespace(prompts=None, prompts_file=str(path)))
+        assert str(info.value).startswith(f"sample.py: error: --prompts_file {path}: {problem}")
+
+
 def test_text_image_dataset_skip(tmp_path):
     root = make_text_image_root(tmp_path / "ds", {**GOOD, **BAD})
     with pytest.raises(ValueError) as info:
