@@ -36,7 +36,9 @@ class _SharedRef:
 class LLMTextEncoder(nn.Module):
     """Caption -> LLM last_hidden_state -> masked mean over the real tokens -> Linear(llm_hidden, hidden_size).
 
-    pooled_features(captions) runs the LLM ((B, llm_hidden) float32); forward(pooled) is the trainable projection.
+    pooled_features(captions) runs the LLM ((B, llm_hidden) float32); last_hidden_states(captions) gives the
+    per-token states and their mask; features(captions) is what the caption store keeps for the conditioning mode
+    (`conditioning`, part of the fingerprint); forward(pooled) is the trainable projection.
     Frozen (default): the LLM is a plain attribute (not a submodule): absent from state_dict(), parameters(),
     the EMA tracks and checkpoints, requires_grad False, always in eval mode; it still follows .to()/.cuda()/.cpu()
     of any parent module. Not frozen: the LLM is the registered, trainable submodule `llm` (keys llm.*).
@@ -65,7 +67,7 @@ class LLMTextEncoder(nn.Module):
                 raise ValueError(f"tokenizer of {llm_name_or_path} has neither a pad nor an eos token")
             tokenizer.pad_token = tokenizer.eos_token
         # right padding: the real tokens keep positions 0..n-1 whatever the batch, so a caption's features do
-        # not depend on the other captions of its batch (up to kernel rounding, see util/text_cache.py)
+        # not depend on the other captions of its batch (up to kernel rounding, see util/text_store.py)
         tokenizer.padding_side = "right"
         self.tokenizer = tokenizer
         major_minor = tuple(int(v) for v in transformers.__version__.split(".")[:2])
