@@ -29,6 +29,7 @@ Measured, in one run, with warm-up iterations excluded from every timing:
 A readable table is printed, then one final line holding a JSON object with all the figures.
 """
 import argparse
+import functools
 import json
 import os
 import platform
@@ -516,46 +517,69 @@ def get_parser():
                    help="hub name or folder of an LLM: instead of the measurements above, compare the training step "
                         "of <model>-Text on cached caption features with the class-conditioned step, and with the "
                         "cost of running the LLM in every step (as the first published text-to-image version did)")
+    p.add_argument("--text_conditioning", nargs="+", default=["pooled"], choices=["pooled", "tokens"],
+                   help="with --text_llm: the text conditioning mode(s) to time, interleaved step by step with the "
+                        "class-conditioned step (e.g. pooled tokens)")
+    p.add_argument("--text_captions", default=512, type=int,
+                   help="with --text_llm: distinct captions embedded into a fresh caption store to measure the "
+                        "embedding rate")
     return p
 
 
 def text_overhead(args, device, log):
-    """Seconds per training step: class-conditioned, text-conditioned from the caption cache, and the LLM forward
-    that a step would add without the cache. Returns the JSON record."""
+    """Seconds per training step: class-conditioned, and text-conditioned in each --text_conditioning mode from the
+    caption store (timed in interleaved rounds, so a load change on a shared machine hits every kind alike), the
+    LLM forward that a step would add without the store, and the store's embedding rate. Returns the JSON record."""
+    import tempfile
+
     from denoiser import Denoiser
     from main_jit import get_args_parser
     from util.misc import build_optimizer
-    from util.text_cache import embed_captions
+    from util.text_store import build_store
 
     captions = [f"手書きの数字{i % 10}の写真、サンプル{i}" for i in range(args.batch_size)]
     gen = torch.Generator().manual_seed(args.seed)
     x = (torch.rand(args.batch_size, 3, args.img_size, args.img_size, generator=gen) * 2 - 1).to(device)
     ids = torch.arange(args.batch_size, device=device)
-    seconds = {}
-
-    def mean_seconds(call):
-        timed_calls(args.train_warmup, call, device)
-        return statistics.mean(timed_calls(args.train_iters, call, device)[0])
-
-    for kind in ("class", "text"):
-        argv = ["--model", args.model + ("-Text" if kind == "text" else ""), "--img_size", str(args.img_size),
-                "--class_num", str(args.batch_size), "--llm_model_name", args.text_llm, "--attn_impl", args.attn_impl]
-        model = Denoiser(get_args_parser().parse_args(argv)).to(device)
-        if kind == "text":
-            encoder = model.net.y_embedder.encoder
-            model.net.y_embedder.set_captions(captions, embed_captions(encoder, captions, None, progress=False))
-        optimizer = build_optimizer(model, args.lr, args.weight_decay, device)
-        seconds[kind] = mean_seconds(lambda: train_step(model, optimizer, ClassConditioning(args, device), x, ids,
-                                                        device, args.precision))
-    seconds["llm"] = mean_seconds(lambda: encoder.pooled_features(captions))
+    kinds = ["class"] + [f"text_{mode}" for mode in args.text_conditioning]
+    steps, embed_rate = {}, {}
+    with tempfile.TemporaryDirectory() as store_root:
+        for kind in kinds:
+            mode = kind.replace("text_", "")
+            argv = ["--model", args.model + ("-Text" if kind != "class" else ""), "--img_size", str(args.img_size),
+                    "--class_num", str(args.batch_size), "--llm_model_name", args.text_llm, "--attn_impl",
+                    args.attn_impl] + (["--text_conditioning", mode] if kind != "class" else [])
+            model = Denoiser(get_args_parser().parse_args(argv)).to(device)
+            if kind != "class":
+                encoder = model.net.y_embedder.encoder
+                many = [f"{c}、{j}" for j in range(-(-args.text_captions // len(captions))) for c in captions]
+                start = time.perf_counter()
+                build_store(encoder, many[:args.text_captions], store_root, progress=False)
+                embed_rate[mode] = args.text_captions / (time.perf_counter() - start)
+                model.net.y_embedder.set_captions(captions, build_store(encoder, captions, store_root, progress=False))
+            optimizer = build_optimizer(model, args.lr, args.weight_decay, device)
+            steps[kind] = functools.partial(train_step, model, optimizer, ClassConditioning(args, device), x, ids,
+                                            device, args.precision)
+            timed_calls(args.train_warmup, steps[kind], device)
+        times = {kind: [] for kind in kinds}
+        for _ in range(args.train_iters):
+            for kind in kinds:
+                times[kind] += timed_calls(1, steps[kind], device)[0]
+        llm_s = statistics.mean(timed_calls(args.train_iters, lambda: encoder.pooled_features(captions), device)[0])
+    seconds = {kind: statistics.mean(t) for kind, t in times.items()}
+    first = kinds[1]
     rec = {"model": args.model, "text_llm": args.text_llm, "batch_size": args.batch_size,
-           "class_step_s": seconds["class"], "text_step_cached_s": seconds["text"],
-           "text_overhead": seconds["text"] / seconds["class"] - 1, "llm_per_step_s": seconds["llm"],
-           "llm_in_step_overhead": seconds["llm"] / seconds["class"]}
-    log(f"{args.model} batch {args.batch_size}: class step {seconds['class']:.3f} s, text step on cached features "
-        f"{seconds['text']:.3f} s ({100 * rec['text_overhead']:+.1f}%); running {args.text_llm} in the step would "
-        f"add {seconds['llm']:.3f} s ({100 * rec['llm_in_step_overhead']:+.1f}%), twice per sampling evaluation "
-        f"with CFG")
+           "class_step_s": seconds["class"], "text_step_cached_s": seconds[first],
+           "text_overhead": seconds[first] / seconds["class"] - 1, "llm_per_step_s": llm_s,
+           "llm_in_step_overhead": llm_s / seconds["class"],
+           "text_step_s": {kind[5:]: seconds[kind] for kind in kinds[1:]},
+           "text_step_vs_class": {kind[5:]: seconds[kind] / seconds["class"] for kind in kinds[1:]},
+           "embed_captions_per_s": embed_rate}
+    modes = ", ".join(f"{kind[5:]} text step {seconds[kind]:.3f} s ({100 * (seconds[kind] / seconds['class'] - 1):+.1f}%, "
+                      f"store built at {embed_rate[kind[5:]]:.0f} captions/s)" for kind in kinds[1:])
+    log(f"{args.model} batch {args.batch_size}: class step {seconds['class']:.3f} s, {modes}; running "
+        f"{args.text_llm} in the step would add {llm_s:.3f} s ({100 * rec['llm_in_step_overhead']:+.1f}%), twice "
+        f"per sampling evaluation with CFG")
     return rec
 
 

@@ -3,12 +3,14 @@
 Formulas, defaults and the order of random draws follow ../shared/SPEC.md, section 3. t = 0 is pure noise and
 t = 1 the clean image; z_t = t x + (1 - t) e.
 """
+import functools
 from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 
-from model_jit import JiT_models, LLMTextEncoder
+from model_jit import JiT_models
+from text_conditioning import LLMTextEncoder, TextEmbedder
 
 
 def is_text_model(args):
@@ -19,13 +21,15 @@ class Denoiser(nn.Module):
     def __init__(self, args):
         super().__init__()
         build = JiT_models[args.model]
-        text_encoder = None
+        text_encoder = y_embedder = None
         if is_text_model(args):
             text_encoder = LLMTextEncoder(args.llm_model_name, build.keywords["hidden_size"],
-                                          max_text_len=args.max_text_len, freeze=args.freeze_llm)
+                                          max_text_len=args.max_text_len, freeze=args.freeze_llm,
+                                          conditioning=getattr(args, "text_conditioning", "pooled"))
+            y_embedder = functools.partial(TextEmbedder, text_encoder)
         self.net = build(input_size=args.img_size, in_channels=3, num_classes=args.class_num,
                          attn_drop=args.attn_dropout, proj_drop=args.proj_dropout,
-                         attn_impl=getattr(args, "attn_impl", "sdpa"), text_encoder=text_encoder)
+                         attn_impl=getattr(args, "attn_impl", "sdpa"), y_embedder=y_embedder)
         self.img_size = args.img_size
         self.num_classes = args.class_num
         # the label of the unconditional branch: the extra class row, or caption index -1 for text models

@@ -14,13 +14,14 @@ import util.misc as misc
 from denoiser import Denoiser, is_text_model
 from engine_jit import evaluate_sweep, train_one_epoch
 from model_jit import ATTN_IMPLS, JiT_models
+from text_conditioning import TEXT_CONDITIONINGS
 from text_image_dataset import ImageNetWithCaptions, TextImageDataset
 from util import fid
 from util.checkpoint import (load_checkpoint, read_checkpoint, remove_stale_temporaries, resolve_resume_path,
                              rng_state, save_checkpoint, set_rng_state)
 from util.data import ImageSamples, ResumableSampler, check_data, train_transform
 from util.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequests, ignore_stop_signals
-from util.text_cache import embed_captions
+from util.text_store import build_store
 
 
 def float_list(text):
@@ -111,8 +112,12 @@ def get_args_parser():
     parser.add_argument("--freeze_llm", default=True, action=argparse.BooleanOptionalAction,
                         help="keep the LLM frozen (captions embedded once and cached); --no-freeze_llm trains it")
     parser.add_argument("--max_text_len", default=77, type=int, help="caption tokens kept by the LLM tokenizer")
+    parser.add_argument("--text_conditioning", default="pooled", choices=TEXT_CONDITIONINGS,
+                        help="pooled: one mean-pooled LLM vector (the published design); tokens: also every caption "
+                             "token as a text token beside the in-context tokens")
     parser.add_argument("--text_cache_dir", default=None,
-                        help="cache of pooled caption features (default $JIT_CACHE_DIR or ~/.cache/jit)")
+                        help="folder of the caption feature stores (default $JIT_CACHE_DIR/text_features or "
+                             "~/.cache/jit/text_features)")
     parser.add_argument("--prompts_file", default=None,
                         help="evaluation prompts, one per line (default: the dataset's own captions)")
     parser.add_argument("--on_bad_data", default="error", choices=["error", "skip"],
@@ -169,20 +174,25 @@ def build_train_loader(args, dataset):
 
 
 def read_prompts(path):
+    """One prompt per line; a blank line stops the run (it would be an empty caption, or shift the prompts)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f if line.strip()]
+        with open(path, encoding="utf-8-sig") as f:
+            lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise SystemExit(f"--prompts_file {path}: {e}")
-    if not prompts:
+    if not lines:
         raise SystemExit(f"--prompts_file {path}: no prompts (one per line)")
-    return prompts
+    blank = [n for n, line in enumerate(lines, start=1) if not line.strip()]
+    if blank:
+        raise SystemExit(f"--prompts_file {path}: line {blank[0]} is blank ({len(blank)} blank line(s)); "
+                         f"give one prompt per line")
+    return [line.strip() for line in lines]
 
 
 def setup_captions(args, model_without_ddp, dataset):
-    """Give a -Text model its caption list (training captions, then evaluation prompts) with their LLM features,
-    each distinct caption embedded once (rank 0 first, then the others read the cache). Returns the caption
-    indices used for evaluation."""
+    """Give a -Text model its caption list (training captions, then evaluation prompts) and the caption store that
+    holds their LLM features (the missing ones embedded first, split across the ranks). Returns the caption indices
+    used for evaluation."""
     captions = list(dataset.captions) if dataset is not None else []
     prompts = read_prompts(args.prompts_file) if args.prompts_file else captions
     if not prompts:
@@ -190,15 +200,13 @@ def setup_captions(args, model_without_ddp, dataset):
     eval_ids = list(range(len(captions), len(captions) + len(prompts))) if args.prompts_file else list(range(len(captions)))
     captions = captions + (prompts if args.prompts_file else [])
     embedder = model_without_ddp.net.y_embedder
-    features = None
+    store = None
     if embedder.encoder.freeze:
-        cache_dir = args.text_cache_dir or os.path.join(misc.cache_dir(), "text_features")
-        for rank_group in ("main", "others"):
-            if misc.is_main_process() == (rank_group == "main"):
-                features = embed_captions(embedder.encoder, captions, cache_dir, progress=misc.is_main_process())
-            if misc.is_dist_avail_and_initialized():
-                torch.distributed.barrier()
-    embedder.set_captions(captions, features)
+        try:
+            store = build_store(embedder.encoder, captions, args.text_cache_dir, progress=misc.is_main_process())
+        except ValueError as e:  # a store of another LLM (names its folder), features out of float16 range
+            raise SystemExit(str(e))
+    embedder.set_captions(captions, store)
     print(f"{len(captions)} distinct captions, {len(eval_ids)} evaluation prompts")
     return eval_ids
 

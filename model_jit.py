@@ -1,7 +1,9 @@
 """JiT: Just image Transformer (Li & He, "Back to Basics: Let Denoising Generative Models Denoise").
 
 The network predicts the clean image from a noisy one. Module and parameter names follow the published
-release exactly, so official checkpoints load without remapping (see ../shared/SPEC.md, section 2).
+release exactly, so official checkpoints load without remapping. The condition is a class embedding; -Text
+models pass a caption embedder instead (text_conditioning.py), optionally with text tokens (`context`) that join the
+in-context tokens.
 """
 import functools
 import math
@@ -117,7 +119,8 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.attn_impl = attn_impl
 
-    def forward(self, x, rope):
+    def forward(self, x, rope, mask=None):
+        """mask: None, or (B, 1, 1, N) bool, False for keys no query may attend to (padding of text tokens)."""
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
@@ -125,10 +128,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         dropout_p = self.attn_drop if self.training else 0.0
         if self.attn_impl == "sdpa":
-            x = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v, dropout_p=dropout_p)
+            x = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v, attn_mask=mask, dropout_p=dropout_p)
         elif self.attn_impl == "fp32":
             with torch.autocast(device_type=x.device.type, enabled=False):
                 logits = q.float() @ k.float().transpose(-2, -1) * (1.0 / math.sqrt(self.head_dim))
+                if mask is not None:
+                    logits = logits.masked_fill(~mask, float("-inf"))
             probs = torch.dropout(torch.softmax(logits, dim=-1), dropout_p, train=True)
             x = probs @ v  # under autocast this matmul runs in the autocast dtype, as the release's does
         else:
@@ -159,10 +164,11 @@ class JiTBlock(nn.Module):
         self.mlp = SwiGLUFFN(hidden_size, int(hidden_size * mlp_ratio), drop=proj_drop)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x, c, rope):
+    def forward(self, x, c, rope, mask=None):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
         # x + gate * branch(x) as one addcmul each
-        x = torch.addcmul(x, gate_msa.unsqueeze(1), self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope))
+        h = modulate(self.norm1(x), shift_msa, scale_msa)
+        x = torch.addcmul(x, gate_msa.unsqueeze(1), self.attn(h, rope) if mask is None else self.attn(h, rope, mask))
         return torch.addcmul(x, gate_mlp.unsqueeze(1), self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
@@ -194,7 +200,9 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size):
 class JiT(nn.Module):
     def __init__(self, input_size=256, patch_size=16, in_channels=3, hidden_size=1024, depth=24, num_heads=16,
                  mlp_ratio=4.0, attn_drop=0.0, proj_drop=0.0, num_classes=1000, bottleneck_dim=128,
-                 in_context_len=32, in_context_start=8, attn_impl="sdpa", text_encoder=None):
+                 in_context_len=32, in_context_start=8, attn_impl="sdpa", y_embedder=None):
+        """y_embedder: None for the class embedding (LabelEmbedder), or a callable hidden_size -> condition module
+        (built here, where the release builds its label table, so a seed gives the same initial weights)."""
         super().__init__()
         if input_size % patch_size != 0:
             raise ValueError(f"img_size {input_size} is not a multiple of the patch size {patch_size}")
@@ -210,9 +218,8 @@ class JiT(nn.Module):
         self.grid_size = input_size // patch_size
 
         self.t_embedder = TimestepEmbedder(hidden_size)
-        # the condition: a class embedding, or for -Text models a caption embedding from a frozen LLM
-        self.y_embedder = (LabelEmbedder(num_classes, hidden_size) if text_encoder is None
-                           else TextEmbedder(text_encoder, hidden_size))
+        # the condition: a class embedding, or for -Text models a caption embedder (text_conditioning.TextEmbedder)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size) if y_embedder is None else y_embedder(hidden_size)
         self.x_embedder = BottleneckPatchEmbed(patch_size, in_channels, bottleneck_dim, hidden_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size ** 2, hidden_size), requires_grad=False)
         if in_context_len > 0:
@@ -270,21 +277,39 @@ class JiT(nn.Module):
 
     def forward(self, x, t, y):
         """x: (B, C, H, W) noisy image, t: (B,) time (1 = clean), y: (B,) labels. Returns the clean-image estimate."""
-        return self.forward_with_cond_embedding(x, t, self.y_embedder(y))
+        cond = self.y_embedder(y)  # (B, D), or (y_emb, context tokens, their mask) from a per-token text embedder
+        return self.forward_with_cond_embedding(x, t, *cond) if isinstance(cond, tuple) else \
+            self.forward_with_cond_embedding(x, t, cond)
 
-    def forward_with_cond_embedding(self, x, t, y_emb):
-        """Same as forward, with the condition given as a (B, D) vector in place of the class embedding."""
+    def forward_with_cond_embedding(self, x, t, y_emb, context=None, context_mask=None):
+        """Same as forward, with the condition given as a (B, D) vector in place of the class embedding.
+
+        context (B, T, D), optional: more condition tokens (a caption's text tokens), prepended to the in-context
+        tokens from block in_context_start on and, like them, not rotated by RoPE; context_mask (B, T) bool is
+        False at padding, which no token attends to."""
         c = self.t_embedder(t) + y_emb
         x = self.x_embedder(x) + self.pos_embed
         L = self.in_context_len
         rope = rope_rotations(self.rope_cos, self.rope_sin)
+        rope_from_start, mask_from_start, prefix_len = rope, None, L
+        if context is not None:
+            T = context.shape[1]
+            identity = torch.stack((torch.ones_like(rope[:T, :, 0]), torch.zeros_like(rope[:T, :, 0])), dim=-1)
+            rope_from_start = torch.cat([identity.expand(T, -1, -1), rope])
+            keep = torch.ones(x.shape[0], L + x.shape[1], dtype=torch.bool, device=x.device)
+            mask_from_start = torch.cat([context_mask.to(torch.bool), keep], dim=1)[:, None, None, :]
+            prefix_len = T + L
         for i, block in enumerate(self.blocks):
-            if L > 0 and i == self.in_context_start:
-                in_context_tokens = y_emb.unsqueeze(1).expand(-1, L, -1) + self.in_context_posemb
-                x = torch.cat([in_context_tokens.to(x.dtype), x], dim=1)
-            prefix = 0 if i >= self.in_context_start else L  # rows of the unrotated in-context tokens
-            x = block(x, c, rope[prefix:])
-        x = self.final_layer(x[:, L:], c)
+            if i == self.in_context_start:
+                prefix = [] if context is None else [context.to(x.dtype)]
+                if L > 0:
+                    prefix.append((y_emb.unsqueeze(1).expand(-1, L, -1) + self.in_context_posemb).to(x.dtype))
+                x = torch.cat(prefix + [x], dim=1) if prefix else x
+            if i >= self.in_context_start:
+                x = block(x, c, rope_from_start, mask_from_start)
+            else:  # the image tokens alone: the rows after the unrotated in-context rows
+                x = block(x, c, rope[L:])
+        x = self.final_layer(x[:, prefix_len:], c)
         return self.unpatchify(x)
 
 
@@ -310,195 +335,5 @@ JiT_models = {
     "JiT-S/2": _config(12, 384, 6, 64, 4, 2, in_context_len=16),
     "JiT-S/4": _config(12, 384, 6, 64, 4, 4, in_context_len=16),
 }
-# text-to-image variants: the same networks, built by Denoiser with an LLMTextEncoder (text_encoder=...)
+# text-to-image variants: the same networks, built by Denoiser with a caption embedder (text_conditioning.py)
 JiT_models.update({f"{name}-Text": builder for name, builder in list(JiT_models.items())})
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Text conditioning (SPEC.md section 7): a pretrained LLM turns a caption into one pooled vector that replaces the
-# class embedding (JiT.forward_with_cond_embedding). The frozen LLM is kept OUT of the module tree, so it is never
-# re-initialised, never in state_dict()/parameters()/EMA/checkpoints; captions are embedded once and cached
-# (util/text_cache.py) instead of re-running the LLM at every network call.
-
-class _SharedRef:
-    """Holds an object outside nn.Module's registries; copy.deepcopy shares it instead of duplicating it."""
-    __slots__ = ("obj",)
-
-    def __init__(self, obj):
-        self.obj = obj
-
-    def __deepcopy__(self, memo):
-        return self
-
-
-class LLMTextEncoder(nn.Module):
-    """Caption -> LLM last_hidden_state -> masked mean over the real tokens -> Linear(llm_hidden, hidden_size).
-
-    pooled_features(captions) runs the LLM ((B, llm_hidden) float32); forward(pooled) is the trainable projection.
-    Frozen (default): the LLM is a plain attribute (not a submodule): absent from state_dict(), parameters(),
-    the EMA tracks and checkpoints, requires_grad False, always in eval mode; it still follows .to()/.cuda()/.cpu()
-    of any parent module. Not frozen: the LLM is the registered, trainable submodule `llm` (keys llm.*).
-    The LLM weights are never touched by any weight init. Compute policy: frozen LLM weights are bfloat16 on CUDA
-    and float32 elsewhere (dtype casts of the parent such as .half() do not change this); a trainable LLM keeps
-    float32 weights and runs under bfloat16 autocast on CUDA. Pooled features are always float32.
-    """
-
-    POOLING = "masked-mean-v1"  # part of the fingerprint: change it if the pooling changes
-
-    def __init__(self, llm_name_or_path, hidden_size, max_text_len=77, freeze=True):
-        super().__init__()
-        import transformers
-        from transformers import AutoModel, AutoTokenizer
-
-        self.llm_name_or_path = str(llm_name_or_path)
-        self.max_text_len = int(max_text_len)
-        self.freeze = bool(freeze)
-        tokenizer = AutoTokenizer.from_pretrained(llm_name_or_path)
-        if tokenizer.pad_token is None:
-            if tokenizer.eos_token is None:
-                raise ValueError(f"tokenizer of {llm_name_or_path} has neither a pad nor an eos token")
-            tokenizer.pad_token = tokenizer.eos_token
-        # right padding: the real tokens keep positions 0..n-1 whatever the batch, so a caption's features do
-        # not depend on the other captions of its batch (up to kernel rounding, see util/text_cache.py)
-        tokenizer.padding_side = "right"
-        self.tokenizer = tokenizer
-        major_minor = tuple(int(v) for v in transformers.__version__.split(".")[:2])
-        dtype_kw = "dtype" if major_minor >= (4, 56) else "torch_dtype"
-        llm = AutoModel.from_pretrained(llm_name_or_path, **{dtype_kw: torch.float32})
-        self.llm_hidden_size = int(llm.config.hidden_size)
-        if self.freeze:
-            llm.requires_grad_(False)
-            llm.eval()
-            self._frozen_llm = _SharedRef(llm)  # plain attribute: not registered, not in state_dict
-        else:
-            self._frozen_llm = None
-            self.add_module("llm", llm)
-        self.proj = nn.Linear(self.llm_hidden_size, hidden_size)
-        nn.init.xavier_uniform_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
-        self._fingerprint = None
-
-    # ------------------------------------------------------------------ the LLM and its device
-    def __getattr__(self, name):
-        if name == "llm" and self.__dict__.get("_frozen_llm") is not None:
-            return self.__dict__["_frozen_llm"].obj
-        return super().__getattr__(name)
-
-    @property
-    def llm_device(self):
-        return next(self.llm.parameters()).device
-
-    @property
-    def llm_compute_dtype(self):
-        """dtype the LLM computes in on its current device (bfloat16 on CUDA, float32 otherwise)."""
-        return torch.bfloat16 if self.llm_device.type == "cuda" else torch.float32
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        if self.freeze:
-            llm = self.llm
-            current = next(llm.parameters()).device
-            target = fn(torch.empty(0, device=current)).device  # where the parent is being moved (dtype ignored)
-            if target != current or next(llm.parameters()).dtype != self._frozen_dtype_for(target):
-                llm.to(device=target, dtype=self._frozen_dtype_for(target))
-        return self
-
-    @staticmethod
-    def _frozen_dtype_for(device):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-    def train(self, mode=True):
-        super().train(mode)
-        if self.freeze:
-            self.llm.eval()
-        return self
-
-    # ------------------------------------------------------------------ features
-    def tokenize(self, captions):
-        if isinstance(captions, str):
-            raise TypeError("captions must be a list of strings, not a single string")
-        return self.tokenizer(list(captions), padding=True, truncation=True, max_length=self.max_text_len,
-                              return_tensors="pt")
-
-    def pooled_features(self, captions):
-        """(B, llm_hidden) float32 on the LLM's device: mean of last_hidden_state over the non-padding tokens."""
-        batch = self.tokenize(captions)
-        mask = batch["attention_mask"]
-        empty = [c for c, n in zip(captions, mask.sum(1).tolist()) if n == 0]
-        if empty:
-            raise ValueError(f"captions with no tokens cannot be encoded: {empty[:5]}")
-        device = self.llm_device
-        input_ids, mask = batch["input_ids"].to(device), mask.to(device)
-        if self.freeze:
-            # fixed policy whatever autocast the caller is under: the weights already have the compute dtype
-            with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
-                hidden = self.llm(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        else:
-            use_bf16 = device.type == "cuda"
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                hidden = self.llm(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        weights = mask.to(torch.float32).unsqueeze(-1)
-        return (hidden.float() * weights).sum(dim=1) / weights.sum(dim=1)
-
-    def forward(self, pooled):
-        return self.proj(pooled)
-
-    # ------------------------------------------------------------------ identity
-    def fingerprint(self):
-        """Short id of (LLM, tokenizer, max_text_len, pooling) for caption caches and checkpoints.
-
-        The LLM weights are not hashed (too slow for multi-GB models): it is the name/path plus a hash of the
-        config (without volatile fields such as transformers_version and dtype) and of the tokenizer's vocabulary.
-        """
-        if self._fingerprint is None:
-            import hashlib
-            import json
-
-            config = self.llm.config.to_dict()
-            for key in ("transformers_version", "_name_or_path", "name_or_path", "dtype", "torch_dtype",
-                        "_commit_hash", "_attn_implementation", "_attn_implementation_internal",
-                        "_attn_implementation_autoset", "use_cache"):
-                config.pop(key, None)
-            config_hash = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
-            vocab = json.dumps(sorted(self.tokenizer.get_vocab().items()), ensure_ascii=False)
-            vocab_hash = hashlib.sha256(vocab.encode()).hexdigest()[:12]
-            self._fingerprint = (f"{self.llm_name_or_path}|config={config_hash}|vocab={len(self.tokenizer)}:"
-                                 f"{vocab_hash}|max_text_len={self.max_text_len}|{self.POOLING}")
-        return self._fingerprint
-
-
-class TextEmbedder(nn.Module):
-    """The condition of -Text models: caption index -> pooled LLM features -> projection to the JiT width.
-
-    Indices point into the caption list given to set_captions (training captions, evaluation prompts); index -1 is
-    the null caption of classifier-free guidance, a learned vector (never an empty, fully masked LLM input, which
-    gives NaN with some attention kernels). With a frozen LLM the pooled features are a precomputed table (each
-    distinct caption embedded once, util/text_cache.py); with a trainable LLM they are computed in the step.
-    """
-
-    def __init__(self, text_encoder, hidden_size):
-        super().__init__()
-        self.encoder = text_encoder
-        self.null_embedding = nn.Parameter(torch.zeros(1, hidden_size))
-        nn.init.normal_(self.null_embedding, std=0.02)
-        self.captions = []
-        self.register_buffer("caption_features", torch.zeros(0, text_encoder.llm_hidden_size), persistent=False)
-
-    def set_captions(self, captions, features=None):
-        """Captions the indices refer to; with a frozen LLM also their pooled features (len(captions), llm_hidden)."""
-        if self.encoder.freeze:
-            if features is None or len(features) != len(captions):
-                raise ValueError("a frozen text encoder needs the pooled features of every caption")
-            self.caption_features = features.to(self.caption_features.device, torch.float32)
-        self.captions = list(captions)
-
-    def forward(self, caption_ids):
-        if len(self.captions) == 0:
-            raise RuntimeError("no captions set: call net.y_embedder.set_captions(captions, features) first")
-        ids = caption_ids.clamp_min(0)
-        if self.encoder.freeze:
-            pooled = self.caption_features[ids]
-        else:
-            pooled = self.encoder.pooled_features([self.captions[i] for i in ids.tolist()])
-        emb = self.encoder(pooled)
-        return torch.where((caption_ids < 0).unsqueeze(1), self.null_embedding.to(emb.dtype), emb)

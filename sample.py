@@ -7,7 +7,8 @@
 The network is rebuilt from the `args` saved in the checkpoint (model, img_size, class_num, sampler settings);
 any flag given here overrides the saved value. --out ending in .png writes a grid (one row per class or prompt
 with --per_class); anything else is a folder that receives one PNG per image. -Text checkpoints need their LLM
-(--llm_model_name, default the one saved in the checkpoint) and embed the prompts once into the caption cache.
+(--llm_model_name, default the one saved in the checkpoint) and read the prompts' features from the caption store
+that training used (new prompts are embedded into it once).
 """
 import argparse
 import inspect
@@ -60,7 +61,8 @@ def get_args_parser():
     model.add_argument("--llm_model_name", default=None, help="hub name or local folder of the LLM (-Text models)")
     model.add_argument("--max_text_len", type=int, default=None)
     model.add_argument("--text_cache_dir", default=None,
-                       help="cache of pooled caption features (default $JIT_CACHE_DIR or ~/.cache/jit)")
+                       help="folder of the caption feature stores (default $JIT_CACHE_DIR/text_features or "
+                            "~/.cache/jit/text_features)")
     parser.add_argument("--device", default=None, help="cuda, cpu or mps (default: cuda if available, else cpu)")
     parser.add_argument("--out", default="samples.png",
                         help="a .png path for a grid, or a folder for individual PNGs")
@@ -118,13 +120,14 @@ def default_classes(class_num):
 
 
 def read_prompts(cli):
+    from main_jit import read_prompts as read_prompts_file
+
     prompts = list(cli.prompts or [])
     if cli.prompts_file:
         try:
-            with open(cli.prompts_file, encoding="utf-8") as f:
-                prompts += [line.strip() for line in f if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            fail(f"--prompts_file {cli.prompts_file}: {e}")
+            prompts += read_prompts_file(cli.prompts_file)
+        except SystemExit as e:
+            fail(str(e))
     prompts = [p.strip() for p in prompts]
     if any(not p for p in prompts) or not prompts:
         fail("empty prompt: give non-empty captions with --prompts or --prompts_file")
@@ -192,13 +195,15 @@ def main(argv=None):
     del checkpoint
 
     if text:
-        from util.text_cache import embed_captions
+        from util.text_store import build_store
 
         targets = read_prompts(cli)
         encoder = model.net.y_embedder.encoder
-        cache = args.text_cache_dir or os.path.join(misc.cache_dir(), "text_features")
-        features = embed_captions(encoder, targets, cache) if encoder.freeze else None
-        model.net.y_embedder.set_captions(targets, features)
+        try:  # the training captions' store: a prompt seen in training gets the very rows training read
+            store = build_store(encoder, targets, args.text_cache_dir) if encoder.freeze else None
+        except ValueError as e:
+            fail(str(e))
+        model.net.y_embedder.set_captions(targets, store)
         ids = list(range(len(targets)))
     else:
         ids = parse_classes(cli.classes, args.class_num) if cli.classes is not None else default_classes(args.class_num)

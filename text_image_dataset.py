@@ -1,8 +1,8 @@
 """Caption-conditioned datasets for text-to-image training (SPEC.md section 7).
 
 A sample is (transform(PIL RGB image), caption_id); `dataset.captions` lists the captions and caption_id indexes
-it. Each caption is embedded once by the frozen LLM (util/text_cache.embed_captions) into a table whose row
-caption_id the model looks up like a class label.
+it. Each caption is embedded once by the frozen LLM into the caption feature store (util/text_store.py), whose
+rows the model looks up by caption_id like a class label.
 """
 import os
 import re
@@ -27,7 +27,7 @@ class TextImageDataset(Dataset):
     A caption file holds one UTF-8 line (a BOM and surrounding whitespace are stripped). Problems found when the
     dataset is built: an image without caption file, an empty caption, a caption file that cannot be read or is not
     UTF-8 or has more than one non-empty line, a caption file without image. on_bad='error' (default) raises a
-    ValueError whose first line is a summary and then one line per problem, naming the path; on_bad='skip' warns
+    ValueError: one line naming the path for one problem, else a summary line and one line per problem; on_bad='skip' warns
     once with the count and the paths, and drops those samples. The images themselves are decoded only in
     __getitem__. Samples are in sorted file-name order; `.captions` are the distinct captions in order of first
     appearance, `.samples` the (image path, caption_id) pairs, `.targets` the caption_ids.
@@ -72,6 +72,8 @@ class TextImageDataset(Dataset):
 
         if problems:
             lines = [f"  {path}: {reason}" for path, reason in problems]
+            if on_bad == "error" and len(problems) == 1:  # one line naming the file
+                raise ValueError(f"TextImageDataset({self.root}): {lines[0].strip()}; fix it or pass on_bad='skip'")
             if on_bad == "error":
                 raise ValueError("\n".join([f"TextImageDataset({self.root}): {len(problems)} problem(s) in the "
                                             f"data; fix them or pass on_bad='skip' to drop those samples"] + lines))

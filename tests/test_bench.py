@@ -111,9 +111,14 @@ def test_bench_runs_end_to_end_on_a_tiny_config(capsys, tmp_path):
 
 def test_text_overhead_mode(capsys, tiny_llm_path):
     rec = bench.main(["--model", "JiT-T/4", "--img_size", "32", "--device", "cpu", "--precision", "fp32",
-                      "--batch_size", "2", "--train_iters", "1", "--train_warmup", "1", "--text_llm", tiny_llm_path])
+                      "--batch_size", "2", "--train_iters", "1", "--train_warmup", "1", "--text_llm", tiny_llm_path,
+                      "--text_conditioning", "pooled", "tokens", "--text_captions", "8"])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == json.loads(json.dumps(rec))
     for key in ("class_step_s", "text_step_cached_s", "llm_per_step_s"):
         assert printed[key] > 0
     assert printed["text_overhead"] == pytest.approx(printed["text_step_cached_s"] / printed["class_step_s"] - 1)
+    assert printed["text_step_cached_s"] == printed["text_step_s"]["pooled"]  # the first mode listed
+    for mode in ("pooled", "tokens"):
+        assert printed["text_step_s"][mode] > 0 and printed["embed_captions_per_s"][mode] > 0
+        assert printed["text_step_vs_class"][mode] == pytest.approx(printed["text_step_s"][mode] / printed["class_step_s"])

