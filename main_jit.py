@@ -1,5 +1,6 @@
 """JiT training and evaluation entry point: `torchrun --nproc_per_node=N main_jit.py ...` or `python main_jit.py ...`."""
 import argparse
+import atexit
 import functools
 import os
 import sys
@@ -24,7 +25,7 @@ from util import fid
 from util.checkpoint import (load_checkpoint, read_checkpoint, remove_stale_temporaries, resolve_resume_path,
                              rng_state, save_checkpoint, set_rng_state)
 from util.data import ImageSamples, ResumableSampler, UnreadableImage, check_data, train_transform
-from util.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequests, ignore_stop_signals
+from util.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequests, ignore_stop_signals, stop_loader_workers
 from util.shards import ShardDataset, is_shard_folder
 from util.text_cache import embed_captions
 
@@ -192,6 +193,7 @@ def build_train_loader(args, dataset):
     num_workers = min(args.num_workers, max(1, (os.cpu_count() or 1) // local_procs))
     print(f"{len(train_set)} training images{' (pre-cropped shards)' if train_set is dataset else ''}; "
           f"{num_workers} loader workers")
+    atexit.register(stop_loader_workers)
     # the loader's own generator: creating its iterator must not consume the training RNG (exact resume)
     return DataLoader(train_set, sampler=sampler, batch_size=args.batch_size, num_workers=num_workers,
                       pin_memory=args.pin_mem and args.device.startswith("cuda"), drop_last=True,
