@@ -39,6 +39,17 @@ def random_flip(x):
     return torch.where(flip, x.flip(-1), x)
 
 
+def train_step(model, model_without_ddp, optimizer, x, labels, precision):
+    """One optimisation step on a device batch: loss (autocast), backward, AdamW, both EMA tracks. Returns the loss."""
+    with misc.autocast(x.device, precision):
+        loss = model(x, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    model_without_ddp.update_ema()
+    return loss.detach()
+
+
 def train_one_epoch(model, model_without_ddp, data_loader, optimizer, device, epoch, log_writer, args,
                     start_step=0, stop_requests=None, save_for_resume=None):
     """Train from step start_step of the epoch to its end. After every step the ranks agree (stop_requests) on a
@@ -55,14 +66,7 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, device, ep
         if not args.no_hflip:
             x = random_flip(x)
         labels = labels.to(device, non_blocking=True)
-        with misc.autocast(device, args.precision):
-            loss = model(x, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        model_without_ddp.update_ema()
-
-        loss = loss.detach()
+        loss = train_step(model, model_without_ddp, optimizer, x, labels, args.precision)
         first_bad_step = torch.where(torch.isfinite(loss) | (first_bad_step < no_bad_step), first_bad_step, step)
         loss_sum += loss
         interval_steps += 1

@@ -1,9 +1,15 @@
 """JiT training and evaluation entry point: `torchrun --nproc_per_node=N main_jit.py ...` or `python main_jit.py ...`."""
 import argparse
+import atexit
 import functools
 import os
 import sys
 import time
+
+from util.preemption import exit_during_startup
+
+if __name__ == "__main__":
+    exit_during_startup()  # before the slow imports and data scanning: a SIGTERM then exits 75 (requeue), not 143
 
 import torch
 from torch.utils.data import DataLoader
@@ -19,8 +25,9 @@ from text_image_dataset import ImageNetWithCaptions, TextImageDataset
 from util import fid
 from util.checkpoint import (load_checkpoint, read_checkpoint, remove_stale_temporaries, resolve_resume_path,
                              rng_state, save_checkpoint, set_rng_state)
-from util.data import ImageSamples, ResumableSampler, check_data, train_transform
-from util.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequests, ignore_stop_signals
+from util.data import ImageSamples, ResumableSampler, UnreadableImage, check_data, train_transform
+from util.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequests, ignore_stop_signals, stop_loader_workers
+from util.shards import ShardDataset, is_shard_folder
 from util.text_store import build_store
 
 
@@ -133,8 +140,11 @@ def get_args_parser():
 def build_dataset(args, text):
     """Index the training set: ImageFolder of <data_path>/train for class models; for -Text models
     <data_path>/images + captions/ (TextImageDataset) or an ImageNet folder captioned "<class name>の写真"
-    (ImageNetWithCaptions). Returns an object with .samples [(path, label)] (and .captions for text)."""
+    (ImageNetWithCaptions). Returns an object with .samples [(path, label)] (and .captions for text), or the
+    ShardDataset of a prepare_data.py folder (class models)."""
     train_dir = os.path.join(args.data_path, "train")
+    if is_shard_folder(args.data_path):
+        return build_shard_dataset(args, text)
     try:
         if text and os.path.isdir(os.path.join(args.data_path, "images")):
             return TextImageDataset(args.data_path, on_bad=args.on_bad_data)
@@ -152,20 +162,43 @@ def build_dataset(args, text):
     return dataset
 
 
+def build_shard_dataset(args, text):
+    """The ShardDataset of a prepare_data.py folder, checked against this run's flags."""
+    if text:
+        raise SystemExit(f"--data_path {args.data_path}: pre-cropped shards hold class labels only; -Text models "
+                         f"train from images/ + captions/ or an ImageNet train/ folder")
+    try:
+        dataset = ShardDataset(args.data_path)
+    except ValueError as e:
+        raise SystemExit(f"--data_path {e}")
+    if dataset.img_size != args.img_size:
+        raise SystemExit(f"--img_size {args.img_size}: --data_path {args.data_path} holds {dataset.img_size} px "
+                         f"crops (prepare_data.py --img_size)")
+    if len(dataset.classes) > args.class_num:
+        raise SystemExit(f"--class_num {args.class_num}: {args.data_path} has {len(dataset.classes)} classes, "
+                         f"so labels would reach {len(dataset.classes) - 1}")
+    return dataset
+
+
 def build_train_loader(args, dataset):
-    samples = dataset.samples
-    if args.check_data:
-        samples = check_data(samples, args.on_bad_data, num_workers=min(args.num_workers, os.cpu_count() or 1),
-                             progress=misc.is_main_process())
-    if len(samples) < args.batch_size * args.world_size:
-        raise SystemExit(f"--batch_size {args.batch_size}: --data_path {args.data_path} has {len(samples)} images, "
+    if isinstance(dataset, ShardDataset):
+        train_set = dataset  # decoded, cropped and checked once by prepare_data.py
+    else:
+        samples = dataset.samples
+        if args.check_data:
+            samples = check_data(samples, args.on_bad_data, num_workers=min(args.num_workers, os.cpu_count() or 1),
+                                 progress=misc.is_main_process())
+        train_set = ImageSamples(samples, train_transform(args.img_size), on_bad=args.on_bad_data)
+    if len(train_set) < args.batch_size * args.world_size:
+        raise SystemExit(f"--batch_size {args.batch_size}: --data_path {args.data_path} has {len(train_set)} images, "
                          f"fewer than one global batch of {args.batch_size * args.world_size}")
-    train_set = ImageSamples(samples, train_transform(args.img_size), on_bad=args.on_bad_data)
     sampler = ResumableSampler(train_set, num_replicas=args.world_size, rank=args.rank, seed=args.seed)
     # 12 workers per process on an 8-GPU node exhausted host memory: never more than the CPUs of this process
     local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     num_workers = min(args.num_workers, max(1, (os.cpu_count() or 1) // local_procs))
-    print(f"{len(train_set)} training images; {num_workers} loader workers")
+    print(f"{len(train_set)} training images{' (pre-cropped shards)' if train_set is dataset else ''}; "
+          f"{num_workers} loader workers")
+    atexit.register(stop_loader_workers)
     # the loader's own generator: creating its iterator must not consume the training RNG (exact resume)
     return DataLoader(train_set, sampler=sampler, batch_size=args.batch_size, num_workers=num_workers,
                       pin_memory=args.pin_mem and args.device.startswith("cuda"), drop_last=True,
@@ -338,7 +371,8 @@ def main(args):
     eff_batch_size = args.batch_size * misc.get_world_size()
     if args.lr is None:
         args.lr = args.blr * eff_batch_size / 256
-    print(f"lr {args.lr:.2e} (blr {args.blr:.2e}, effective batch {eff_batch_size})")
+    if not args.evaluate_gen:
+        print(f"lr {args.lr:.2e} (blr {args.blr:.2e}, effective batch {eff_batch_size})")
     optimizer = misc.build_optimizer(model_without_ddp, args.lr, args.weight_decay, device)
     start_epoch, start_step = resume(args, model_without_ddp, optimizer)
 
@@ -379,6 +413,8 @@ def main(args):
             print(f"preempted ({stop_requests.signal_received}) at {e}: checkpoint-last.pth saved; "
                   f"exiting with status {PREEMPTED_EXIT_CODE}", force=True)
             sys.exit(PREEMPTED_EXIT_CODE)
+        except UnreadableImage as e:  # the one-line message, without the (worker's) traceback
+            raise SystemExit(e.line) from None
         last_epoch = epoch + 1 == args.epochs
         if epoch % args.save_last_freq == 0 or last_epoch:
             last_saved = save(epoch, steps_per_epoch)

@@ -3,8 +3,8 @@
     python prepare_ref.py --data_path ./data/imagenet --img_size 256 --stats_out fid_stats/jit_in256_stats.npz
     python prepare_ref.py --data_path ./data/imagenet --img_size 256 --png_dir ./data/imagenet_ref256
 
---data_path is an ImageFolder root (<path>/train/<class>/*.JPEG is used when <path>/train exists) or any folder of
-images, searched recursively. Images are read as RGB and cropped with util/crop.py (the training crop), so the
+--data_path is an ImageFolder root (<path>/train/<class>/*.JPEG is used when <path>/train exists), any folder of
+images, searched recursively, or a folder of pre-cropped shards written by prepare_data.py (the same crops). Images are read as RGB and cropped with util/crop.py (the training crop), so the
 statistics match the training images. PNGs are written uncompressed (compress_level=0) as the original JiT did.
 """
 import argparse
@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from util import fid
 from util.crop import center_crop_arr
+from util.shards import ShardDataset, is_shard_folder
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -76,19 +77,55 @@ class CroppedImages(Dataset):
         return pil_to_tensor(image)
 
 
+class ShardImages(Dataset):
+    """uint8 (3, size, size) crops of a prepare_data.py folder (a subset of `indices`), saved like CroppedImages."""
+
+    def __init__(self, shards, indices, png_dir=None):
+        self.shards, self.indices, self.png_dir = shards, indices, png_dir
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        image = self.shards[self.indices[index]][0]
+        if self.png_dir:
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(
+                os.path.join(self.png_dir, f"{index:08d}_shard{self.indices[index]}.png"), compress_level=0)
+        return image
+
+
+def shard_images(args):
+    """ShardImages of --data_path, checked against --img_size, with the --max_images subset."""
+    try:
+        shards = ShardDataset(args.data_path)
+    except ValueError as e:
+        raise SystemExit(f"prepare_ref.py: error: {e}")
+    if shards.img_size != args.img_size:
+        raise SystemExit(f"prepare_ref.py: error: --img_size {args.img_size}: {args.data_path} holds "
+                         f"{shards.img_size} px crops")
+    indices = list(range(len(shards)))
+    if args.max_images is not None and args.max_images < len(indices):
+        indices = sorted(random.Random(0).sample(indices, args.max_images))
+    return ShardImages(shards, indices, args.png_dir)
+
+
 def main(args):
     if not args.png_dir and not args.stats_out:
         raise SystemExit("prepare_ref.py: error: nothing to do, give --stats_out and/or --png_dir")
-    root, files = find_images(args.data_path, args.max_images)
-    print(f"{len(files)} images from {root}, center crop {args.img_size}")
+    if is_shard_folder(args.data_path):
+        images = shard_images(args)
+        print(f"{len(images)} pre-cropped {args.img_size} px images from the shards in {args.data_path}")
+    else:
+        root, files = find_images(args.data_path, args.max_images)
+        images = CroppedImages(root, files, args.img_size, args.png_dir)
+        print(f"{len(files)} images from {root}, center crop {args.img_size}")
     if args.png_dir:
         os.makedirs(args.png_dir, exist_ok=True)
-    loader = DataLoader(CroppedImages(root, files, args.img_size, args.png_dir), batch_size=args.batch_size,
-                        num_workers=args.num_workers)
+    loader = DataLoader(images, batch_size=args.batch_size, num_workers=args.num_workers)
     if not args.stats_out:
         for _ in tqdm(loader, total=len(loader), unit="batch", desc="PNG"):
             pass
-        print(f"wrote {len(files)} PNGs to {args.png_dir}")
+        print(f"wrote {len(images)} PNGs to {args.png_dir}")
         return
 
     try:
@@ -97,7 +134,7 @@ def main(args):
         raise SystemExit(f"prepare_ref.py: error: {e}")
     print(f"Inception weights: {net.source}")
     running = fid.RunningStats()
-    with tqdm(total=len(files), unit="img", desc="Inception") as bar:
+    with tqdm(total=len(images), unit="img", desc="Inception") as bar:
         for batch in loader:
             pool, _ = fid.inception_features(net, batch, args.batch_size)
             running.update(pool)
@@ -108,8 +145,8 @@ def main(args):
         raise SystemExit(f"prepare_ref.py: error: {e}")
     fid.save_stats(args.stats_out, stats)
     if args.png_dir:
-        print(f"wrote {len(files)} PNGs to {args.png_dir}")
-    print(f"wrote FID statistics of {len(files)} images to {args.stats_out}")
+        print(f"wrote {len(images)} PNGs to {args.png_dir}")
+    print(f"wrote FID statistics of {len(images)} images to {args.stats_out}")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,19 @@ def train_transform(img_size):
     ])
 
 
+def unreadable_message(path, error):
+    return f"{path}: unreadable image ({type(error).__name__}: {error})"
+
+
+class UnreadableImage(RuntimeError):
+    """A bad file met during training with --on_bad_data error. From a DataLoader worker, torch re-raises it in the
+    main process with the worker's traceback inside the message; .line is the one-line message alone."""
+
+    @property
+    def line(self):
+        return str(self).rstrip().rsplit(f"{type(self).__name__}: ", 1)[-1]
+
+
 class ImageSamples(Dataset):
     def __init__(self, samples, transform, on_bad="error"):
         self.samples = list(samples)
@@ -59,9 +72,9 @@ class ImageSamples(Dataset):
                 return self.transform(load_rgb(path)), label
             except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
                 if self.on_bad == "error":
-                    raise RuntimeError(f"{path}: unreadable image ({type(e).__name__}: {e}); fix or remove it, "
-                                       f"or pass --on_bad_data skip") from None
-                warnings.warn(f"{path}: unreadable image ({type(e).__name__}: {e}); skipped")
+                    raise UnreadableImage(f"{unreadable_message(path, e)}; fix or remove it, "
+                                          f"or pass --on_bad_data skip") from None
+                warnings.warn(f"{unreadable_message(path, e)}; skipped")
         raise RuntimeError("no readable image in the data set")
 
 
