@@ -18,7 +18,7 @@ from denoiser import Denoiser, is_text_model
 from main_jit import get_args_parser as main_parser
 from model_jit import JiT_models
 from util.checkpoint import (check_state_dict, pretrained_config, read_checkpoint, resolve_resume_path,
-                             save_pretrained, with_saved_args)
+                             save_pretrained, weights_description, with_saved_args)
 
 OVERRIDES = ("model", "img_size", "class_num", "cfg", "interval_min", "interval_max", "num_sampling_steps",
              "sampling_method")
@@ -92,10 +92,11 @@ def main(argv=None):
             fail(str(e))
     config = pretrained_config(args, text, checkpoint.get("text_encoder"), ema, checkpoint.get("epoch"), path)
     save_pretrained(cli.out, state, config)
-    what = "live weights" if ema == 0 else f"EMA track {ema} (decay {config['weights']['ema_decay']:g})"
+    decay = "" if ema == 0 else f" (decay {config['weights']['ema_decay']:g})"
     size = os.path.getsize(os.path.join(cli.out, "model.safetensors"))
-    print(f"exported {args.model} @ {args.img_size}px, {what} of {path} (epoch {checkpoint.get('epoch')}) to "
-          f"{cli.out}/model.safetensors ({len(state)} tensors, {size / 2 ** 20:.1f} MiB) + config.json")
+    print(f"exported {args.model} @ {args.img_size}px, {weights_description(ema)}{decay} of {path} "
+          f"(epoch {checkpoint.get('epoch')}) to {cli.out}/model.safetensors ({len(state)} tensors, "
+          f"{size / 2 ** 20:.1f} MiB) + config.json")
 
 
 if __name__ == "__main__":

@@ -197,6 +197,13 @@ def build_val_set(args, dataset, text):
     return None, []
 
 
+def shift_val_caption_ids(model_without_ddp, samples, val_captions):
+    """Samples labelled with indices into val_captions (a captioned --val_path), which setup_captions appended last
+    to the model's caption list -> labelled with indices into that list."""
+    offset = len(model_without_ddp.net.y_embedder.captions) - len(val_captions)
+    return [(path, caption_id + offset) for path, caption_id in samples]
+
+
 def build_val_loader(args, samples):
     """Every rank's strided share of the validation set, in a fixed order, without padding or duplicates."""
     val_set = ImageSamples(samples, train_transform(args.img_size), on_bad=args.on_bad_data)
@@ -379,9 +386,8 @@ def main(args):
     val_samples, val_captions = build_val_set(args, dataset, text) if not args.evaluate_gen else (None, [])
     eval_label_ids = (setup_captions(args, model_without_ddp, dataset, val_captions) if text
                       else list(range(args.class_num)))
-    if val_captions:  # appended last to the caption list: shift the --val_path caption ids onto them
-        offset = len(model_without_ddp.net.y_embedder.captions) - len(val_captions)
-        val_samples = [(path, caption_id + offset) for path, caption_id in val_samples]
+    if val_captions:
+        val_samples = shift_val_caption_ids(model_without_ddp, val_samples, val_captions)
 
     inception = None
     if args.evaluate_gen or args.online_eval:

@@ -160,7 +160,7 @@ def main(argv=None):
     from denoiser import Denoiser, is_text_model
     from engine_jit import generate_uint8
     from util.checkpoint import (is_pretrained_folder, load_checkpoint, load_pretrained, read_checkpoint,
-                                 read_pretrained_config)
+                                 read_pretrained_config, weights_description)
 
     exported = is_pretrained_folder(cli.checkpoint)  # a folder of export.py: config.json + model.safetensors
     if exported:
@@ -170,8 +170,8 @@ def main(argv=None):
         except (FileNotFoundError, ValueError) as e:
             fail(str(e))
         if cli.ema is not None:
-            fail(f"--ema {cli.ema}: {path} is an exported model holding one weight set (EMA track "
-                 f"{config['weights']['ema_track']} of its checkpoint, 0 = live weights); --ema chooses among the "
+            fail(f"--ema {cli.ema}: {path} is an exported model holding one weight set (the "
+                 f"{weights_description(config['weights']['ema_track'])} of its checkpoint); --ema chooses among the "
                  f"weights of a .pth checkpoint")
         saved = config
     else:
@@ -233,8 +233,7 @@ def main(argv=None):
     misc.seed_everything(cli.seed)
     weights = "live weights" if ema == 0 else f"EMA track {ema} (decay {model.ema_decays[ema - 1]:g})"
     if exported:
-        track = config["weights"]["ema_track"]
-        weights = f"exported {'live weights' if track == 0 else f'EMA track {track}'}"
+        weights = f"exported {weights_description(config['weights']['ema_track'])}"
     print(f"{args.model} @ {args.img_size}px from {path}: {len(labels)} images, {weights}, {args.sampling_method} "
           f"{args.num_sampling_steps} steps, cfg {args.cfg:g} on ({args.interval_min:g}, {args.interval_max:g}), "
           f"{args.precision} on {device}", flush=True)

@@ -84,7 +84,7 @@ def test_config_and_from_pretrained(checkpoint, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     assert config == {
         "format": "jit-denoiser", "format_version": 1,
-        "model": "JiT-T/4", "img_size": 32, "class_num": 10, "use_text_conditioning": False,
+        "model": "JiT-T/4", "img_size": 32, "class_num": 10, "use_text_conditioning": False,  # a class model
         "llm_model_name": None, "max_text_len": None, "text_encoder": None,
         "attn_dropout": 0.0, "proj_dropout": 0.0, "noise_scale": 1.0, "P_mean": -0.8, "P_std": 0.8, "t_eps": 0.05,
         "label_drop_prob": 0.1,

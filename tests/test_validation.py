@@ -15,7 +15,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import demo
 from denoiser import Denoiser
 from engine_jit import validation_loss
-from main_jit import build_dataset, build_val_loader, build_val_set, check_config, get_args_parser
+from main_jit import (build_dataset, build_val_loader, build_val_set, check_config, get_args_parser, setup_captions,
+                      shift_val_caption_ids)
 from util.checkpoint import read_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,6 +132,33 @@ def test_val_fraction_holds_out_a_disjoint_stable_set(folders, tmp_path):
         check_config(parse("--val_path", "x", "--val_fraction", 0.1, "--output_dir", tmp_path))
     with pytest.raises(SystemExit, match=r"^--val_path .*missing: no train/ folder"):
         build_val_set(parse("--val_path", tmp_path / "missing"), None, False)
+
+
+def captioned_folder(root, captions):
+    os.makedirs(root / "images")
+    os.makedirs(root / "captions")
+    for i, caption in enumerate(captions):
+        Image.new("RGB", (32, 32), (20 * i, 0, 0)).save(root / "images" / f"{i}.png")
+        (root / "captions" / f"{i}.txt").write_text(caption + "\n", encoding="utf-8")
+    return root
+
+
+def test_captioned_val_path_keeps_its_captions(tiny_llm_path, tmp_path):
+    """A -Text model's --val_path has captions of its own: appended to the model's caption list after the training
+    captions, each validation image is labelled with its own caption."""
+    train = captioned_folder(tmp_path / "train", ["犬の写真", "猫の写真", "犬の写真"])
+    val = captioned_folder(tmp_path / "val", ["a photo of a cat", "猫の写真", "赤いりんごの写真"])
+    args = get_args_parser().parse_args(["--model", "JiT-T/4-Text", "--img_size", "32", "--device", "cpu",
+                                         "--llm_model_name", tiny_llm_path, "--data_path", str(train),
+                                         "--val_path", str(val), "--text_cache_dir", str(tmp_path / "cache")])
+    model = Denoiser(args)
+    dataset = build_dataset(args, True)
+    samples, captions = build_val_set(args, dataset, True)
+    setup_captions(args, model, dataset, captions)
+    samples = shift_val_caption_ids(model, samples, captions)
+    by_image = {os.path.basename(path): model.net.y_embedder.captions[label] for path, label in samples}
+    assert by_image == {"0.png": "a photo of a cat", "1.png": "猫の写真", "2.png": "赤いりんごの写真"}
+    assert model.net.y_embedder.caption_features.shape[0] == len(model.net.y_embedder.captions) == 5
 
 
 def train_cmd(data, out, *extra):

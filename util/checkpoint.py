@@ -173,15 +173,21 @@ def is_pretrained_folder(path):
                                        for name in (PRETRAINED_CONFIG, PRETRAINED_WEIGHTS))
 
 
+def weights_description(ema_track):
+    return "live weights" if ema_track == 0 else f"EMA track {ema_track}"
+
+
 def pretrained_config(args, text, text_encoder, ema_track, epoch, source):
     """config.json of an export: args is the training namespace (after defaults), text whether it is a -Text model,
     text_encoder the checkpoint's LLM fingerprint (or None), ema_track 0 (live weights), 1 or 2."""
     config = {"format": PRETRAINED_FORMAT, "format_version": 1}
-    config.update({name: getattr(args, name) for name in PRETRAINED_MODEL_FIELDS + PRETRAINED_SAMPLER_FIELDS})
+    for name in PRETRAINED_MODEL_FIELDS + PRETRAINED_SAMPLER_FIELDS:
+        config[name] = getattr(args, name)
+        if name == "max_text_len":
+            config["text_encoder"] = text_encoder
     config["use_text_conditioning"] = bool(text)
     if text:
         config["class_num"] = None
-        config["text_encoder"] = text_encoder
     else:
         config.update(llm_model_name=None, max_text_len=None, text_encoder=None)
     config["weights"] = {"ema_track": ema_track,
