@@ -92,8 +92,8 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, device, ep
 
 @torch.no_grad()
 def validation_loss(model_without_ddp, data_loader, device, args):
-    """Mean v-loss over the validation set: every rank's share (data_loader.sampler lists its indices in the set),
-    summed over the ranks. Sample i's label drop, time and noise come from a generator seeded with i, drawn in the
+    """(mean v-loss, image count) over the validation set: every rank's share (data_loader.sampler lists its indices
+    in the set), summed over the ranks. Sample i's label drop, time and noise come from a generator seeded with i, drawn in the
     training order, so the value depends only on the weights and the set (not on the epoch, the world size or the
     batch size) and the training RNG is untouched (exact resume). Dropout is off (eval mode); no flip."""
     model = model_without_ddp
