@@ -3,6 +3,7 @@
 Formulas, defaults and the order of random draws follow ../shared/SPEC.md, section 3. t = 0 is pure noise and
 t = 1 the clean image; z_t = t x + (1 - t) e.
 """
+import argparse
 import functools
 from contextlib import contextmanager
 
@@ -11,6 +12,8 @@ import torch.nn as nn
 
 from model_jit import JiT_models
 from text_conditioning import LLMTextEncoder, TextEmbedder
+from util.checkpoint import (PRETRAINED_MODEL_FIELDS, PRETRAINED_SAMPLER_FIELDS, load_pretrained,
+                             read_pretrained_config)
 
 
 def is_text_model(args):
@@ -50,18 +53,38 @@ class Denoiser(nn.Module):
         self.ema_decays = (args.ema_decay1, args.ema_decay2)
         self.ema_params = [[p.detach().clone() for p in self.parameters()] for _ in self.ema_decays]
 
+    @classmethod
+    def from_pretrained(cls, folder, **overrides):
+        """The Denoiser of a folder written by export.py (config.json + model.safetensors), in eval mode.
+
+        overrides replace config fields or set build options, e.g. llm_model_name=<local copy of the LLM>,
+        attn_impl="fp32", cfg=3.0. Errors (missing file, wrong key or shape, another LLM) are one line naming the file.
+        """
+        config = read_pretrained_config(folder)
+        settings = {"attn_impl": "sdpa", "freeze_llm": True, "ema_decay1": 0.9999, "ema_decay2": 0.9996}
+        settings.update({name: config[name] for name in PRETRAINED_MODEL_FIELDS + PRETRAINED_SAMPLER_FIELDS})
+        unknown = sorted(set(overrides) - set(settings))
+        if unknown:
+            raise TypeError(f"from_pretrained: unknown setting {unknown[0]!r} (known: {', '.join(sorted(settings))})")
+        settings.update(overrides)
+        model = cls(argparse.Namespace(**settings))
+        load_pretrained(model, folder, config)
+        return model.eval()
+
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         self.ema_params = [[fn(t) for t in track] for track in self.ema_params]
         return self
 
     # ------------------------------------------------------------------ training
-    def drop_labels(self, labels):
-        drop = torch.rand(labels.shape[0], device=labels.device) < self.label_drop_prob
-        return torch.where(drop, torch.full_like(labels, self.null_label), labels)
+    def drop_labels(self, labels, u=None):
+        """Null label where u < label_drop_prob; u (B,) uniforms are drawn from the global RNG unless given (the
+        validation loss gives fixed ones)."""
+        u = torch.rand(labels.shape[0], device=labels.device) if u is None else u
+        return torch.where(u < self.label_drop_prob, torch.full_like(labels, self.null_label), labels)
 
-    def sample_t(self, n, device=None):
-        return torch.sigmoid(torch.randn(n, device=device) * self.P_std + self.P_mean)
+    def sample_t(self, n, device=None, generator=None):
+        return torch.sigmoid(torch.randn(n, device=device, generator=generator) * self.P_std + self.P_mean)
 
     def forward(self, x, labels, t=None, noise=None):
         """Training loss. t (B,) and noise (like x) may be given to make a step reproducible across layouts."""

@@ -94,6 +94,48 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, device, ep
                 raise Preempted(f"epoch {epoch} step {step + 1}", saved)
 
 
+@torch.no_grad()
+def validation_loss(model_without_ddp, data_loader, device, args):
+    """(mean v-loss, image count) over the validation set: every rank's share (data_loader.sampler lists its indices
+    in the set), summed over the ranks. Sample i's label drop, time and noise come from a generator seeded with i, drawn in the
+    training order, so the value depends only on the weights and the set (not on the epoch, the world size or the
+    batch size) and the training RNG is untouched (exact resume). Dropout is off (eval mode); no flip."""
+    model = model_without_ddp
+    was_training = model.training
+    model.eval()
+    indices = list(data_loader.sampler)
+    generator = torch.Generator(device=device)
+    total, count = 0.0, 0
+    for images, labels in data_loader:
+        x = to_model_input(images, device)
+        u, t, noise = [], [], []
+        for index in indices[count:count + len(x)]:
+            generator.manual_seed(index)
+            u.append(torch.rand(1, device=device, generator=generator))
+            t.append(model.sample_t(1, device=device, generator=generator))
+            noise.append(torch.randn(x.shape[1:], device=device, generator=generator))
+        labels = model.drop_labels(labels.to(device, non_blocking=True), u=torch.cat(u))
+        with misc.autocast(device, args.precision):
+            loss = model(x, labels, t=torch.cat(t), noise=torch.stack(noise) * model.noise_scale)
+        total += loss.item() * len(x)
+        count += len(x)
+    model.train(was_training)
+    sums = torch.tensor([total, count], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+    if misc.is_dist_avail_and_initialized():
+        dist.all_reduce(sums)
+    return (sums[0] / sums[1]).item(), int(sums[1].item())
+
+
+def validate(model_without_ddp, data_loader, device, epoch, log_writer, args, global_step):
+    """validation_loss, printed and logged to TensorBoard as val_loss at the training step it follows."""
+    start = time.time()
+    loss, count = validation_loss(model_without_ddp, data_loader, device, args)
+    print(f"Epoch [{epoch}] val_loss {loss:.6f} ({count} validation images, {time.time() - start:.1f} s)")
+    if log_writer is not None:
+        log_writer.add_scalar("val_loss", loss, global_step)
+    return loss
+
+
 def eval_labels(num_images, label_ids, rank, world_size):
     """This rank's share of num_images labels cycling through label_ids (classes, or caption indices of -Text
     models): class-balanced when num_images is a multiple of the class count, and every batch (and the sample

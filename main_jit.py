@@ -18,14 +18,14 @@ from torchvision import datasets
 
 import util.misc as misc
 from denoiser import Denoiser, is_text_model
-from engine_jit import evaluate_sweep, train_one_epoch
+from engine_jit import evaluate_sweep, train_one_epoch, validate
 from model_jit import ATTN_IMPLS, JiT_models
 from text_conditioning import TEXT_CONDITIONINGS
 from text_image_dataset import ImageNetWithCaptions, TextImageDataset
 from util import fid
 from util.checkpoint import (load_checkpoint, read_checkpoint, remove_stale_temporaries, resolve_resume_path,
                              rng_state, save_checkpoint, set_rng_state)
-from util.data import ImageSamples, ResumableSampler, UnreadableImage, check_data, train_transform
+from util.data import ImageSamples, ResumableSampler, UnreadableImage, check_data, holdout_split, train_transform
 from util.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequests, ignore_stop_signals, stop_loader_workers
 from util.shards import ShardDataset, is_shard_folder
 from util.text_store import build_store
@@ -101,6 +101,11 @@ def get_args_parser():
     # data, output, resume
     parser.add_argument("--data_path", default="./data/imagenet", type=str)
     parser.add_argument("--class_num", default=1000, type=int)
+    parser.add_argument("--val_path", default=None,
+                        help="validation data in --data_path's layout; its mean v-loss is logged every epoch")
+    parser.add_argument("--val_fraction", default=0.0, type=float,
+                        help="hold out this fraction of the training images (the same ones on every rank and "
+                             "resume) and log their mean v-loss every epoch")
     parser.add_argument("--output_dir", default="./output_dir", help="where checkpoints and logs go")
     parser.add_argument("--resume", default="", help="checkpoint folder or .pth file to resume from")
     parser.add_argument("--save_last_freq", default=5, type=int, help="write checkpoint-last.pth every N epochs")
@@ -180,6 +185,12 @@ def build_shard_dataset(args, text):
     return dataset
 
 
+def loader_workers(args):
+    """12 workers per process on an 8-GPU node exhausted host memory: never more than the CPUs of this process."""
+    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return min(args.num_workers, max(1, (os.cpu_count() or 1) // local_procs))
+
+
 def build_train_loader(args, dataset):
     if isinstance(dataset, ShardDataset):
         train_set = dataset  # decoded, cropped and checked once by prepare_data.py
@@ -193,9 +204,7 @@ def build_train_loader(args, dataset):
         raise SystemExit(f"--batch_size {args.batch_size}: --data_path {args.data_path} has {len(train_set)} images, "
                          f"fewer than one global batch of {args.batch_size * args.world_size}")
     sampler = ResumableSampler(train_set, num_replicas=args.world_size, rank=args.rank, seed=args.seed)
-    # 12 workers per process on an 8-GPU node exhausted host memory: never more than the CPUs of this process
-    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    num_workers = min(args.num_workers, max(1, (os.cpu_count() or 1) // local_procs))
+    num_workers = loader_workers(args)
     print(f"{len(train_set)} training images{' (pre-cropped shards)' if train_set is dataset else ''}; "
           f"{num_workers} loader workers")
     atexit.register(stop_loader_workers)
@@ -204,6 +213,46 @@ def build_train_loader(args, dataset):
                       pin_memory=args.pin_mem and args.device.startswith("cuda"), drop_last=True,
                       persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(args.seed),
                       worker_init_fn=ignore_stop_signals)
+
+
+def build_val_set(args, dataset, text):
+    """(samples, captions) of --val_path, or samples held out of `dataset` by --val_fraction (removed from its
+    .samples, before the training loader is built); (None, []) without validation. The captions of a captioned
+    --val_path are its own: the caller appends them to the model's caption list and shifts the labels."""
+    if (args.val_fraction or args.val_path) and isinstance(dataset, ShardDataset):
+        raise SystemExit(f"--data_path {args.data_path}: pre-cropped shards have no validation split; use "
+                         f"--val_fraction or --val_path with the image folder")
+    if args.val_fraction:
+        dataset.samples, held_out = holdout_split(dataset.samples, args.val_fraction, args.data_path)
+        if not held_out:
+            raise SystemExit(f"--val_fraction {args.val_fraction}: holds out none of the {len(dataset.samples)} "
+                             f"training images")
+        return held_out, []
+    if args.val_path:
+        val_args = argparse.Namespace(**{**vars(args), "data_path": args.val_path})
+        try:
+            val_dataset = build_dataset(val_args, text)
+        except SystemExit as e:
+            raise SystemExit(str(e).replace("--data_path", "--val_path", 1)) from None
+        return val_dataset.samples, list(getattr(val_dataset, "captions", [])) if text else []
+    return None, []
+
+
+def shift_val_caption_ids(model_without_ddp, samples, val_captions):
+    """Samples labelled with indices into val_captions (a captioned --val_path), which setup_captions appended last
+    to the model's caption list -> labelled with indices into that list."""
+    offset = len(model_without_ddp.net.y_embedder.captions) - len(val_captions)
+    return [(path, caption_id + offset) for path, caption_id in samples]
+
+
+def build_val_loader(args, samples):
+    """Every rank's strided share of the validation set, in a fixed order, without padding or duplicates."""
+    val_set = ImageSamples(samples, train_transform(args.img_size), on_bad=args.on_bad_data)
+    print(f"{len(samples)} validation images")
+    # its own generator: creating an iterator must not draw from the training RNG (exact resume)
+    return DataLoader(val_set, sampler=range(args.rank, len(samples), args.world_size), batch_size=args.batch_size,
+                      num_workers=loader_workers(args), pin_memory=args.pin_mem and args.device.startswith("cuda"),
+                      generator=torch.Generator(), worker_init_fn=ignore_stop_signals)
 
 
 def read_prompts(path):
@@ -222,16 +271,16 @@ def read_prompts(path):
     return [line.strip() for line in lines]
 
 
-def setup_captions(args, model_without_ddp, dataset):
-    """Give a -Text model its caption list (training captions, then evaluation prompts) and the caption store that
-    holds their LLM features (the missing ones embedded first, split across the ranks). Returns the caption indices
-    used for evaluation."""
+def setup_captions(args, model_without_ddp, dataset, val_captions=()):
+    """Give a -Text model its caption list (training captions, then evaluation prompts, then the captions of a
+    --val_path) and the caption store that holds their LLM features (the missing ones embedded first, split across
+    the ranks). Returns the caption indices used for evaluation."""
     captions = list(dataset.captions) if dataset is not None else []
     prompts = read_prompts(args.prompts_file) if args.prompts_file else captions
     if not prompts:
         raise SystemExit(f"--data_path {args.data_path}: no captions; give evaluation prompts with --prompts_file")
     eval_ids = list(range(len(captions), len(captions) + len(prompts))) if args.prompts_file else list(range(len(captions)))
-    captions = captions + (prompts if args.prompts_file else [])
+    captions = captions + (prompts if args.prompts_file else []) + list(val_captions)
     embedder = model_without_ddp.net.y_embedder
     store = None
     if embedder.encoder.freeze:
@@ -347,6 +396,10 @@ def check_config(args):
             fid.load_stats(args.fid_stats)  # fail now, not after hours of training
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"--fid_stats: {e}")
+    if not 0 <= args.val_fraction < 1:
+        raise SystemExit(f"--val_fraction {args.val_fraction}: must be at least 0 and below 1")
+    if args.val_fraction and args.val_path:
+        raise SystemExit(f"--val_path {args.val_path} and --val_fraction {args.val_fraction}: give one of the two")
     check_output_dir(args.output_dir)
 
 
@@ -380,7 +433,11 @@ def main(args):
     dataset = None
     if not (args.evaluate_gen and (not text or args.prompts_file)):
         dataset = build_dataset(args, text)
-    eval_label_ids = setup_captions(args, model_without_ddp, dataset) if text else list(range(args.class_num))
+    val_samples, val_captions = build_val_set(args, dataset, text) if not args.evaluate_gen else (None, [])
+    eval_label_ids = (setup_captions(args, model_without_ddp, dataset, val_captions) if text
+                      else list(range(args.class_num)))
+    if val_captions:
+        val_samples = shift_val_caption_ids(model_without_ddp, val_samples, val_captions)
 
     inception = None
     if args.evaluate_gen or args.online_eval:
@@ -391,6 +448,7 @@ def main(args):
 
     data_loader = build_train_loader(args, dataset)
     steps_per_epoch = data_loader.sampler.num_samples // args.batch_size
+    val_loader = build_val_loader(args, val_samples) if val_samples is not None else None
     if args.distributed:
         model = distribute(model_without_ddp, device)
     stop_requests = StopRequests(args.save_every_minutes)
@@ -415,6 +473,8 @@ def main(args):
             sys.exit(PREEMPTED_EXIT_CODE)
         except UnreadableImage as e:  # the one-line message, without the (worker's) traceback
             raise SystemExit(e.line) from None
+        if val_loader is not None:
+            validate(model_without_ddp, val_loader, device, epoch, log_writer, args, (epoch + 1) * steps_per_epoch)
         last_epoch = epoch + 1 == args.epochs
         if epoch % args.save_last_freq == 0 or last_epoch:
             last_saved = save(epoch, steps_per_epoch)

@@ -3,12 +3,13 @@
     python sample.py --checkpoint demo_output/train --classes 0,3,8 --per_class 8 --ema 2 --out grid.png
     python sample.py --checkpoint jit-b-16.pth --cfg 3.0 --interval_min 0.1 --num_images 16 --out samples/
     python sample.py --checkpoint text_run --prompts "手書きの数字3" "a handwritten digit 7" --out grid.png
+    python sample.py --checkpoint jit-b16-ema1 --classes 207,360 --out grid.png    # a folder written by export.py
 
-The network is rebuilt from the `args` saved in the checkpoint (model, img_size, class_num, sampler settings);
-any flag given here overrides the saved value. --out ending in .png writes a grid (one row per class or prompt
-with --per_class); anything else is a folder that receives one PNG per image. -Text checkpoints need their LLM
-(--llm_model_name, default the one saved in the checkpoint) and read the prompts' features from the caption store
-that training used (new prompts are embedded into it once).
+The network is rebuilt from the `args` saved in the checkpoint (model, img_size, class_num, sampler settings), or
+from the config.json of an exported folder; any flag given here overrides the saved value. --out ending in .png
+writes a grid (one row per class or prompt with --per_class); anything else is a folder that receives one PNG per
+image. -Text checkpoints need their LLM (--llm_model_name, default the one saved in the checkpoint) and read the
+prompts' features from the caption store that training used (new prompts are embedded into it once).
 """
 import argparse
 import inspect
@@ -28,7 +29,9 @@ def fail(message):
 
 def get_args_parser():
     parser = argparse.ArgumentParser("JiT sampling", description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="checkpoint .pth, or a folder holding checkpoint-last.pth")
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint .pth, a folder holding checkpoint-last.pth, or a folder written by export.py "
+                             "(config.json + model.safetensors)")
     what = parser.add_argument_group("what to draw (class models: --classes; -Text models: --prompts/--prompts_file)")
     what.add_argument("--classes", default=None,
                       help="comma-separated class indices, e.g. 0,1,2 (default: every class when there are at most "
@@ -43,7 +46,7 @@ def get_args_parser():
     sampler = parser.add_argument_group("sampler (default: the values saved in the checkpoint)")
     sampler.add_argument("--ema", type=int, choices=[0, 1, 2], default=None,
                          help="weights: 1 or 2 = EMA track, 0 = live (trained) weights "
-                              "(default: the checkpoint's --eval_ema, else 1)")
+                              "(default: the checkpoint's --eval_ema, else 1; an exported folder has one weight set)")
     sampler.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
     sampler.add_argument("--interval_min", type=float, default=None, help="CFG applies for interval_min < t ...")
     sampler.add_argument("--interval_max", type=float, default=None, help="... and t < interval_max")
@@ -85,11 +88,9 @@ def checkpoint_path(path):
 def model_args(saved, cli):
     """main_jit.py's defaults, updated with the checkpoint's saved args, then with the flags given here."""
     from main_jit import get_args_parser as main_parser
+    from util.checkpoint import with_saved_args
 
-    args = main_parser().parse_args([])
-    if saved is not None:
-        for key, value in (vars(saved) if isinstance(saved, argparse.Namespace) else dict(saved)).items():
-            setattr(args, key, value)
+    args = with_saved_args(main_parser().parse_args([]), saved)
     for key in MODEL_FLAGS + SAMPLER_FLAGS + ("gen_bsz", "text_cache_dir"):
         if getattr(cli, key) is not None:
             setattr(args, key, getattr(cli, key))
@@ -155,21 +156,36 @@ def main(argv=None):
         value = getattr(cli, name)
         if value is not None and value < 1:
             fail(f"--{name} must be at least 1, got {value}")
-    path = checkpoint_path(cli.checkpoint)
     cli.device = cli.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     import util.misc as misc
     from denoiser import Denoiser, is_text_model
     from engine_jit import generate_uint8
-    from util.checkpoint import load_checkpoint, read_checkpoint
+    from util.checkpoint import (is_pretrained_folder, load_checkpoint, load_pretrained, read_checkpoint,
+                                 read_pretrained_config, weights_description)
 
-    try:
-        checkpoint = read_checkpoint(path)
-    except Exception as e:  # a file that is not a torch checkpoint
-        fail(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})")
-    saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
-    if saved is None and (cli.model is None or cli.img_size is None or cli.class_num is None):
-        fail(f"{path} has no saved 'args': give --model, --img_size and --class_num")
+    exported = is_pretrained_folder(cli.checkpoint)  # a folder of export.py: config.json + model.safetensors
+    if exported:
+        path = cli.checkpoint
+        try:
+            config = read_pretrained_config(path)
+        except (FileNotFoundError, ValueError) as e:
+            fail(str(e))
+        if cli.ema is not None:
+            fail(f"--ema {cli.ema}: {path} is an exported model holding one weight set (the "
+                 f"{weights_description(config['weights']['ema_track'])} of its checkpoint); --ema chooses among the "
+                 f"weights of a .pth checkpoint")
+        saved = config
+    else:
+        path = checkpoint_path(cli.checkpoint)
+        try:
+            checkpoint = read_checkpoint(path)
+        except Exception as e:  # a file that is not a torch checkpoint
+            fail(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})")
+        saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+        del checkpoint
+        if saved is None and (cli.model is None or cli.img_size is None or cli.class_num is None):
+            fail(f"{path} has no saved 'args': give --model, --img_size and --class_num")
     args = model_args(saved, cli)
     text = is_text_model(args)
     if text and cli.classes is not None:
@@ -177,7 +193,10 @@ def main(argv=None):
     if not text and (cli.prompts or cli.prompts_file):
         fail(f"{path} is a class-conditional model ({args.model}, class_num {args.class_num}): --prompts and "
              f"--prompts_file need a -Text checkpoint; use --classes")
-    ema = cli.ema if cli.ema is not None else getattr(saved, "eval_ema", 1) if saved is not None else 1
+    if exported:
+        ema = 0  # the export's one weight set is the network's own
+    else:
+        ema = cli.ema if cli.ema is not None else getattr(saved, "eval_ema", 1) if saved is not None else 1
     device = misc.resolve_device(argparse.Namespace(device=cli.device, distributed=False, gpu=0))
     args.precision = misc.resolve_precision(cli.precision, device)
     misc.keep_freed_cpu_memory(device)
@@ -188,11 +207,10 @@ def main(argv=None):
         hint = f" (LLM {args.llm_model_name}: set --llm_model_name to a local folder)" if text else ""
         fail(f"cannot build {args.model} at img_size {args.img_size}{hint}: {str(e).splitlines()[0]}")
     try:
-        load_checkpoint(model, path)
+        load_pretrained(model, path, config) if exported else load_checkpoint(model, path)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     model.to(device)
-    del checkpoint
 
     if text:
         from util.text_store import build_store
@@ -218,6 +236,8 @@ def main(argv=None):
 
     misc.seed_everything(cli.seed)
     weights = "live weights" if ema == 0 else f"EMA track {ema} (decay {model.ema_decays[ema - 1]:g})"
+    if exported:
+        weights = f"exported {weights_description(config['weights']['ema_track'])}"
     print(f"{args.model} @ {args.img_size}px from {path}: {len(labels)} images, {weights}, {args.sampling_method} "
           f"{args.num_sampling_steps} steps, cfg {args.cfg:g} on ({args.interval_min:g}, {args.interval_max:g}), "
           f"{args.precision} on {device}", flush=True)

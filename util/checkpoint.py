@@ -1,10 +1,14 @@
-"""Reading official-layout checkpoints (dict with model, model_ema1, model_ema2, optimizer, epoch, args)."""
+"""Reading official-layout checkpoints (dict with model, model_ema1, model_ema2, optimizer, epoch, args), and the
+exported model folders of export.py (config.json + model.safetensors: one weight set, no optimizer, no pickle)."""
 import argparse
 import glob
+import json
 import os
 import random
 
 import numpy as np
+import safetensors
+import safetensors.torch
 import torch
 
 
@@ -14,6 +18,15 @@ def read_checkpoint(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     with torch.serialization.safe_globals([argparse.Namespace]):
         return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def with_saved_args(args, saved):
+    """args (e.g. main_jit.py's defaults) updated with a checkpoint's saved args: an argparse.Namespace (ours and the
+    official checkpoints) or a dict; fields an older checkpoint lacks keep their defaults."""
+    if saved is not None:
+        for key, value in (vars(saved) if isinstance(saved, argparse.Namespace) else dict(saved)).items():
+            setattr(args, key, value)
+    return args
 
 
 def check_state_dict(expected, given, source):
@@ -144,3 +157,108 @@ def save_checkpoint(path, denoiser, optimizer, epoch, args, resume_state=None):
             os.close(folder_fd)
     except OSError:
         pass
+
+
+# ------------------------------------------------------------------ exported models (export.py)
+PRETRAINED_CONFIG = "config.json"
+PRETRAINED_WEIGHTS = "model.safetensors"
+PRETRAINED_FORMAT = "jit-denoiser"
+# what a Denoiser is built from (main_jit.py flag names, so a config reads like the command line that trained it),
+# then the sampler defaults; for class models the text fields are null, for -Text models class_num is
+PRETRAINED_MODEL_FIELDS = ("model", "img_size", "class_num", "use_text_conditioning", "llm_model_name",
+                           "max_text_len", "text_conditioning", "attn_dropout", "proj_dropout", "noise_scale", "P_mean", "P_std", "t_eps",
+                           "label_drop_prob")
+PRETRAINED_SAMPLER_FIELDS = ("sampling_method", "num_sampling_steps", "cfg", "interval_min", "interval_max")
+
+
+def is_pretrained_folder(path):
+    """A folder holding config.json or model.safetensors is an export (a missing partner is reported on loading)."""
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, name))
+                                       for name in (PRETRAINED_CONFIG, PRETRAINED_WEIGHTS))
+
+
+def weights_description(ema_track):
+    return "live weights" if ema_track == 0 else f"EMA track {ema_track}"
+
+
+def pretrained_config(args, text, text_encoder, ema_track, epoch, source):
+    """config.json of an export: args is the training namespace (after defaults), text whether it is a -Text model,
+    text_encoder the checkpoint's LLM fingerprint (or None), ema_track 0 (live weights), 1 or 2."""
+    config = {"format": PRETRAINED_FORMAT, "format_version": 1}
+    for name in PRETRAINED_MODEL_FIELDS + PRETRAINED_SAMPLER_FIELDS:
+        config[name] = getattr(args, name)
+        if name == "max_text_len":
+            config["text_encoder"] = text_encoder
+    config["use_text_conditioning"] = bool(text)
+    if text:
+        config["class_num"] = None
+    else:
+        config.update(llm_model_name=None, max_text_len=None, text_conditioning=None, text_encoder=None)
+    config["weights"] = {"ema_track": ema_track,
+                         "ema_decay": None if ema_track == 0 else getattr(args, f"ema_decay{ema_track}"),
+                         "epoch": epoch, "checkpoint": os.path.basename(source)}
+    return config
+
+
+def _write_atomically(path, write):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_pretrained(folder, state_dict, config):
+    """Write <folder>/model.safetensors (state_dict as given: the Denoiser's net.* keys) and <folder>/config.json."""
+    os.makedirs(folder, exist_ok=True)
+    tensors = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
+    _write_atomically(os.path.join(folder, PRETRAINED_WEIGHTS),
+                      lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt"}))
+
+    def write_config(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+
+    _write_atomically(os.path.join(folder, PRETRAINED_CONFIG), write_config)
+
+
+def read_pretrained_config(folder):
+    """The config.json of an exported folder, checked; one-line errors naming the file."""
+    path = os.path.join(folder, PRETRAINED_CONFIG)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file; an exported model folder holds {PRETRAINED_CONFIG} and "
+                                f"{PRETRAINED_WEIGHTS} (written by export.py)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a valid JSON file ({e})") from None
+    if not isinstance(config, dict) or config.get("format") != PRETRAINED_FORMAT:
+        raise ValueError(f"{path}: not a JiT export (no \"format\": \"{PRETRAINED_FORMAT}\"; written by export.py)")
+    missing = [name for name in PRETRAINED_MODEL_FIELDS + PRETRAINED_SAMPLER_FIELDS + ("text_encoder", "weights")
+               if name not in config]
+    if missing:
+        raise ValueError(f"{path}: field {missing[0]!r} is missing")
+    return config
+
+
+def load_pretrained(denoiser, folder, config):
+    """Fill `denoiser` strictly from <folder>/model.safetensors (key and shape checks as for checkpoints). Both EMA
+    tracks get the same weights: an export holds one weight set, so ema_weights(k) samples from it for any k."""
+    path = os.path.join(folder, PRETRAINED_WEIGHTS)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file; an exported model folder holds {PRETRAINED_CONFIG} and "
+                                f"{PRETRAINED_WEIGHTS} (written by export.py)")
+    try:
+        state = safetensors.torch.load_file(path)
+    except (safetensors.SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    check_text_encoder(denoiser, config["text_encoder"], os.path.join(folder, PRETRAINED_CONFIG))
+    check_state_dict(denoiser.state_dict(), state, path)
+    denoiser.load_state_dict(state, strict=True)
+    for track in (1, 2):
+        denoiser.load_ema_state_dict(track, state)

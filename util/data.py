@@ -5,6 +5,8 @@ ImageSamples decodes them. A file that cannot be decoded stops the run naming it
 replaced by the next readable sample, with that sample's own label (skip): labels never shift.
 """
 import functools
+import hashlib
+import os
 import warnings
 
 import numpy as np
@@ -111,6 +113,17 @@ def check_data(samples, on_bad, num_workers=2, progress=True):
         warnings.warn(f"--check_data: skipping {len(problems)} unreadable file(s):\n" + "\n".join(problems))
     bad = {p.split(": ", 1)[0] for p in problems}
     return [s for s in samples if s[0] not in bad]
+
+
+def holdout_split(samples, fraction, root):
+    """(training samples, held-out samples) for --val_fraction: the round(fraction * n) samples whose path relative
+    to root has the smallest SHA-256, each list in the original order. No RNG is involved, so the split is the same
+    on every rank, every resume and every --seed, and adding images to the folder moves few others across it."""
+    def key(index):
+        return hashlib.sha256(os.path.relpath(samples[index][0], root).encode()).digest()
+
+    held = set(sorted(range(len(samples)), key=key)[:round(fraction * len(samples))])
+    return ([s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held])
 
 
 class ResumableSampler(DistributedSampler):
