@@ -85,7 +85,7 @@ def test_config_and_from_pretrained(checkpoint, tmp_path):
     assert config == {
         "format": "jit-denoiser", "format_version": 1,
         "model": "JiT-T/4", "img_size": 32, "class_num": 10, "use_text_conditioning": False,  # a class model
-        "llm_model_name": None, "max_text_len": None, "text_encoder": None,
+        "llm_model_name": None, "max_text_len": None, "text_conditioning": None, "text_encoder": None,
         "attn_dropout": 0.0, "proj_dropout": 0.0, "noise_scale": 1.0, "P_mean": -0.8, "P_std": 0.8, "t_eps": 0.05,
         "label_drop_prob": 0.1,
         "sampling_method": "heun", "num_sampling_steps": 30, "cfg": 1.5, "interval_min": 0.2, "interval_max": 1.0,
@@ -191,7 +191,7 @@ def test_text_model_round_trip(make_args, tiny_llm_path, tmp_path):
     export.main(["--checkpoint", str(ckpt), "--out", str(folder)])
     config = json.loads((folder / "config.json").read_text())
     assert config["class_num"] is None and config["use_text_conditioning"] is True
-    assert (config["llm_model_name"], config["max_text_len"]) == (tiny_llm_path, 16)
+    assert (config["llm_model_name"], config["max_text_len"], config["text_conditioning"]) == (tiny_llm_path, 16, "pooled")
     assert config["text_encoder"] == read_checkpoint(ckpt)["text_encoder"]
     assert "net.y_embedder.encoder.proj.weight" in safetensors.torch.load_file(folder / "model.safetensors")
 
