@@ -2,6 +2,8 @@
 
     python demo.py                      # ~12 minutes on 2 CPU cores; writes ./demo_output
     python demo.py --quick              # ~1 minute smoke run (1 epoch, 10 images per digit); ./demo_output_quick
+    python demo.py --text               # text-to-image: JiT-T/4-Text + SmolLM2 on coloured shapes, prompt adherence
+                                        # per attribute (util/shapes.py); ./demo_text_output (README: the benchmark)
 
 Stages (each one a plain command line you can rerun by hand; they are printed as they start):
   1. data       scikit-learn's 1,797 handwritten digits (8 x 8, shipped inside scikit-learn: no download), upscaled to
@@ -46,6 +48,7 @@ TEXT_LR = 2e-3
 TEXT_EMA = 0.99
 TEXT_CFG = 3.0
 TEXT_PER_PROMPT = 8
+TEXT_SAMPLING_STEPS = 10  # Heun: 19 evaluations per image
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,7 +255,7 @@ def read_sample_folder(folder):
         for line in f:
             name, prompt = line.rstrip("\n").split(": ", 1)
             with Image.open(os.path.join(folder, name)) as image:
-                items.append((torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1), prompt))
+                items.append((torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1), prompt))
     return items
 
 
@@ -286,7 +289,7 @@ def main_text(args):
     cfg = TEXT_CFG if args.cfg is None else args.cfg
     prompts = shapes.evaluation_prompts(*((2, 2) if quick else ()))
     sampler = (["--sampling_method", "euler", "--num_sampling_steps", "4"] if quick
-               else ["--sampling_method", "heun", "--num_sampling_steps", "20"])
+               else ["--sampling_method", "heun", "--num_sampling_steps", str(TEXT_SAMPLING_STEPS)])
     import torch
 
     import util.misc as misc
@@ -359,7 +362,8 @@ def main_text(args):
     rows = adherence_rows(items, {prompt: split for prompt, _, split in prompts})
     table = shapes.format_table(rows, shapes.ceiling())
     grid = os.path.join(out, f"shapes_grid_cfg{cfg:g}.png")
-    save_grid(torch.stack([image for image, _ in items]), grid, [prompt for _, prompt in items])
+    save_grid(torch.stack([image for image, _ in items]), grid, [prompt for _, prompt in items],
+              nrow=TEXT_PER_PROMPT)
     points = read_scalars(train_dir)
     timings.append(("scoring", time.time() - t0))
 
