@@ -37,11 +37,13 @@ HELD_OUT = [("red", "circle", "top left"), ("green", "square", "bottom left"), (
             ("yellow", "circle", "bottom right"), ("red", "triangle", "bottom right"), ("blue", "square", "top right")]
 SEEN = [c for c in ALL_COMBINATIONS if c not in HELD_OUT]
 
-# shape rules, measured on 960 real 32 px images: the centroid's height in the bounding box (fraction from its top)
-# is 0.62-0.66 for triangles and 0.47-0.54 for circles and squares; the fill ratio is 0.67-0.88 for circles and
-# 0.97-1 for squares (a threshold of the fill ratio alone confuses small anti-aliased triangles with circles)
-TRIANGLE_CENTROID = 0.58
-SQUARE_FILL = 0.92
+# shape rules: halfway between the ideal values, the centroid's height in the bounding box (fraction from its top)
+# 2/3 for an apex-up triangle and 1/2 for circles and squares, the fill ratio pi/4 for a circle and 1 for a square.
+# On 960 real 32 px images the centroid is 0.62-0.66 for triangles and 0.47-0.54 otherwise, the fill 0.67-0.88 for
+# circles and 0.97-1 for squares (a threshold of the fill ratio alone confuses small anti-aliased triangles with
+# circles); generated squares are often rounded (fill ~0.86), between the two
+TRIANGLE_CENTROID = (2 / 3 + 1 / 2) / 2
+SQUARE_FILL = (np.pi / 4 + 1) / 2
 FOREGROUND_DISTANCE = 90  # RGB distance from the background above which a pixel is foreground
 
 
