@@ -42,7 +42,7 @@ NUM_CLASSES = 10
 DEFAULT_EPOCHS = 16
 # --text: images per seen combination, epochs, batch, LR, EMA decay of the evaluated track, CFG, samples per prompt
 TEXT_PER_COMBINATION = 40
-TEXT_EPOCHS = 10
+TEXT_EPOCHS = 16
 TEXT_BATCH = 32
 TEXT_LR = 2e-3
 TEXT_EMA = 0.99
