@@ -96,7 +96,7 @@ def render(colour, shape, position, rng, size=32, supersample=4):
     return image.resize((size, size), Image.BOX)
 
 
-def training_items(per_combination, seed=0):
+def training_items(per_combination):
     """[(stem, (colour, shape, position), caption)] of the training set: per_combination images of every SEEN
     combination, captions alternating Japanese / English so each combination has both."""
     items = []
@@ -111,7 +111,7 @@ def materialise_shapes(root, per_combination=40, size=32, seed=0):
     """Write the training set as <root>/images/<stem>.png + <root>/captions/<stem>.txt (the layout of
     text_image_dataset.TextImageDataset). Deterministic in (per_combination, size, seed); a folder already holding
     this exact set (marker file .complete) is left alone. Returns (number of images, written: bool)."""
-    items = training_items(per_combination, seed)
+    items = training_items(per_combination)
     marker = os.path.join(root, ".complete")
     stamp = f"{len(items)} images, {size} px, seed {seed}, held out {HELD_OUT}\n"
     if os.path.isfile(marker) and open(marker, encoding="utf-8").read() == stamp:
