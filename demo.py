@@ -407,7 +407,8 @@ def get_args_parser():
     parser.add_argument("--fid_images", default=None, type=int,
                         help="generated images per FID evaluation, a multiple of 10 (default 100; 10 with --quick)")
     parser.add_argument("--cfg", default=None, type=float,
-                        help=f"classifier-free guidance scale of the evaluation (default 1.5; {TEXT_CFG:g} with --text)")
+                        help=f"classifier-free guidance scale of the evaluation (default 1.5; {TEXT_CFG:g} with "
+                             f"--text)")
     parser.add_argument("--num_workers", default=0, type=int,
                         help="DataLoader worker processes (0: load in the training process)")
     text = parser.add_argument_group("--text: the text-to-image prompt-adherence benchmark")

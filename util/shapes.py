@@ -137,8 +137,9 @@ def real_images(combinations, per_combination, size=32, seed=1):
 
 # seen combinations evaluated: one position per colour-shape pair, (colour + shape + position index) % 4 == 3, so
 # each colour appears 3 times, each shape 4 times and each position 3 times; none is held out
-SEEN_EVALUATED = [(c, s, p) for (i, c), (j, s), (k, p) in itertools.product(enumerate(COLOURS), enumerate(SHAPES),
-                                                                             enumerate(POSITIONS)) if (i + j + k) % 4 == 3]
+SEEN_EVALUATED = [(c, s, p) for (i, c), (j, s), (k, p)
+                  in itertools.product(enumerate(COLOURS), enumerate(SHAPES), enumerate(POSITIONS))
+                  if (i + j + k) % 4 == 3]
 
 
 def evaluation_prompts(num_seen=len(SEEN_EVALUATED), num_held_out=len(HELD_OUT)):
