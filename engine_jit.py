@@ -167,12 +167,12 @@ def gather_to_main(tensor):
     return torch.cat(parts) if misc.is_main_process() else None
 
 
-def save_grid(images, path, captions=None):
-    """8-column PNG grid of uint8 images; for -Text models also `<path>.txt` with the prompt of every cell."""
-    save_image(images.float() / 255, path, nrow=8)
+def save_grid(images, path, captions=None, nrow=8):
+    """nrow-column PNG grid of uint8 images; for -Text models also `<path>.txt` with the prompt of every cell."""
+    save_image(images.float() / 255, path, nrow=nrow)
     if captions is not None:
         with open(os.path.splitext(path)[0] + ".txt", "w", encoding="utf-8") as f:
-            f.writelines(f"row {i // 8} col {i % 8}: {caption}\n" for i, caption in enumerate(captions))
+            f.writelines(f"row {i // nrow} col {i % nrow}: {caption}\n" for i, caption in enumerate(captions))
 
 
 def evaluate(model_without_ddp, args, epoch, log_writer, device, inception, label_ids, cfg=None, ema_track=None):

@@ -12,7 +12,6 @@ image. -Text checkpoints need their LLM (--llm_model_name, default the one saved
 prompts' features from the caption store that training used (new prompts are embedded into it once).
 """
 import argparse
-import inspect
 import os
 
 import torch
@@ -135,21 +134,6 @@ def read_prompts(cli):
     return prompts
 
 
-def write_grid(images, path, nrow, captions=None):
-    """engine_jit.save_grid when it can lay out nrow columns, else the same PNG (and caption list) with nrow."""
-    from engine_jit import save_grid
-
-    if nrow == 8 or "nrow" in inspect.signature(save_grid).parameters:
-        kwargs = {} if nrow == 8 else {"nrow": nrow}
-        return save_grid(images, path, captions, **kwargs)
-    from torchvision.utils import save_image
-
-    save_image(images.float() / 255, path, nrow=nrow)
-    if captions is not None:
-        with open(os.path.splitext(path)[0] + ".txt", "w", encoding="utf-8") as f:
-            f.writelines(f"row {i // nrow} col {i % nrow}: {c}\n" for i, c in enumerate(captions))
-
-
 def main(argv=None):
     cli = get_args_parser().parse_args(argv)
     for name in ("per_class", "num_images", "gen_bsz", "num_sampling_steps", "nrow"):
@@ -160,7 +144,7 @@ def main(argv=None):
 
     import util.misc as misc
     from denoiser import Denoiser, is_text_model
-    from engine_jit import generate_uint8
+    from engine_jit import generate_uint8, save_grid
     from util.checkpoint import (is_pretrained_folder, load_checkpoint, load_pretrained, read_checkpoint,
                                  read_pretrained_config, weights_description)
 
@@ -249,7 +233,7 @@ def main(argv=None):
     captions = [targets[i] for i in labels] if text else None
     if cli.out.lower().endswith(".png"):
         os.makedirs(os.path.dirname(os.path.abspath(cli.out)), exist_ok=True)
-        write_grid(images, cli.out, nrow, captions)
+        save_grid(images, cli.out, captions, nrow=nrow)
         print(f"wrote a {len(images)}-image grid ({nrow} columns) to {cli.out}")
         return
     from torchvision.utils import save_image

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from util.llm import check_llm_folder
+
 TEXT_CONDITIONINGS = ("pooled", "tokens")
 
 
@@ -61,6 +63,7 @@ class LLMTextEncoder(nn.Module):
         self.llm_name_or_path = str(llm_name_or_path)
         self.max_text_len = int(max_text_len)
         self.freeze = bool(freeze)
+        check_llm_folder(self.llm_name_or_path)  # a local folder without config or tokenizer: one line, no traceback
         tokenizer = AutoTokenizer.from_pretrained(llm_name_or_path)
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import engine_jit
 import sample
 from denoiser import Denoiser
 from main_jit import get_args_parser
@@ -86,7 +87,7 @@ def test_ema_choice_changes_the_images(checkpoint, tmp_path):
 
 def test_saved_args_are_overridden_by_flags(checkpoint, monkeypatch):
     seen = {}
-    monkeypatch.setattr(sample, "write_grid", lambda images, path, nrow, captions=None: seen.update(n=len(images)))
+    monkeypatch.setattr(engine_jit, "save_grid", lambda images, path, captions=None, nrow=8: seen.update(n=len(images)))
     real_generate = Denoiser.generate
 
     def spy(model, labels, on_step=None):

