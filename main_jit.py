@@ -441,7 +441,9 @@ def main(args):
 
     inception = None
     if args.evaluate_gen or args.online_eval:
-        inception = fid.load_inception(args.inception_weights, device)
+        # its construction draws random initial weights: not from the training RNG, which resume() has just restored
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            inception = fid.load_inception(args.inception_weights, device)
     if args.evaluate_gen:
         evaluate_sweep(model_without_ddp, args, start_epoch - 1, log_writer, device, inception, eval_label_ids)
         return

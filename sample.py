@@ -168,8 +168,9 @@ def main(argv=None):
             fail(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})")
         saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
         del checkpoint
-        if saved is None and (cli.model is None or cli.img_size is None or cli.class_num is None):
-            fail(f"{path} has no saved 'args': give --model, --img_size and --class_num")
+        missing = [f"--{flag}" for flag in ("model", "img_size", "class_num") if getattr(cli, flag) is None]
+        if saved is None and missing:
+            fail(f"{path} has no saved 'args' (an official checkpoint?): give {', '.join(missing)}")
     args = model_args(saved, cli)
     text = is_text_model(args)
     if text and cli.classes is not None:

@@ -31,7 +31,7 @@ if ROOT not in sys.path:
 
 from main_jit import get_args_parser  # noqa: E402
 
-TINY = ["--model", "JiT-T/4", "--img_size", "32", "--class_num", "10", "--device", "cpu"]
+TINY = ["--model", "JiT-T/4", "--img_size", "32", "--class_num", "10", "--device", "cpu", "--precision", "fp32"]
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from util.data import ImageSamples, check_data, load_rgb, train_transform
 from util.preemption import PREEMPTED_EXIT_CODE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--model", "JiT-T/4", "--img_size", "32", "--class_num", "2", "--device", "cpu"]
+TINY = ["--model", "JiT-T/4", "--img_size", "32", "--class_num", "2", "--device", "cpu", "--precision", "fp32"]
 
 
 @pytest.fixture(scope="module")

@@ -158,3 +158,108 @@ def test_text_model_prompts(make_args, tiny_llm_path, tmp_path):
     assert sorted(os.listdir(folder)) == ["0000_prompt0.png", "0001_prompt0.png", "prompts.txt"]
     with pytest.raises(SystemExit, match="is a text-to-image model .*give --prompts or --prompts_file"):
         sample.main(["--checkpoint", str(ckpt), "--classes", "0", "--out", str(tmp_path / "x.png"), *FAST])
+
+
+def grid_cells(path, rows, cols, size=32, pad=2):
+    """The (rows x cols) images of a torchvision grid PNG (2-pixel padding), row by row, as (size, size, 3) arrays."""
+    grid = pixels(path)
+    return [grid[pad + r * (size + pad):pad + r * (size + pad) + size, pad + c * (size + pad):pad + c * (size + pad) + size]
+            for r in range(rows) for c in range(cols)]
+
+
+def test_grid_cells_are_the_generated_images(checkpoint, tmp_path):
+    """Each grid cell is exactly what Denoiser.generate draws for its label with the seed (checked independently of
+    sample.py: the checkpoint loaded here, EMA 2, the noise of seed 0 for the whole batch), and the grid of
+    --num_images holds the same images as the PNGs of the folder output, in order."""
+    from engine_jit import to_uint8
+    from util.checkpoint import load_checkpoint, read_checkpoint
+
+    out = tmp_path / "grid.png"
+    sample.main(["--checkpoint", str(checkpoint), "--classes", "0,3,9", "--per_class", "2", "--out", str(out), *FAST])
+    args = read_checkpoint(checkpoint / "checkpoint-last.pth")["args"]
+    args.num_sampling_steps, args.sampling_method = 2, "euler"
+    model = Denoiser(args)
+    load_checkpoint(model, str(checkpoint / "checkpoint-last.pth"))
+    model.eval()
+    torch.manual_seed(0)
+    with model.ema_weights(2):
+        expected = to_uint8(model.generate(torch.tensor([0, 0, 3, 3, 9, 9]))).permute(0, 2, 3, 1).numpy()
+    cells = grid_cells(out, 3, 2)
+    for cell, image in zip(cells, expected, strict=True):
+        assert np.array_equal(cell, image)
+    assert not np.array_equal(cells[0], cells[1]) and not np.array_equal(cells[0], cells[2])  # not one image 6 times
+
+    sample.main(["--checkpoint", str(checkpoint), "--classes", "1,2", "--num_images", "4", "--out", str(out), *FAST])
+    folder = tmp_path / "pngs"
+    sample.main(["--checkpoint", str(checkpoint), "--classes", "1,2", "--num_images", "4", "--out", str(folder), *FAST])
+    names = sorted(os.listdir(folder))
+    assert names == ["0000_class1.png", "0001_class2.png", "0002_class1.png", "0003_class2.png"]
+    for cell, name in zip(grid_cells(out, 2, 2), names, strict=True):  # --num_images: one column per class
+        assert np.array_equal(cell, pixels(folder / name))
+
+
+@pytest.fixture(scope="module")
+def official_checkpoint(checkpoint, tmp_path_factory):
+    """The fixture's checkpoint in the release's layout without `args` (as an official file may come)."""
+    ckpt = torch.load(checkpoint / "checkpoint-last.pth", map_location="cpu", weights_only=False)
+    path = tmp_path_factory.mktemp("official") / "jit-t-4.pth"
+    torch.save({key: ckpt[key] for key in ("model", "model_ema1", "model_ema2", "optimizer", "epoch")}, path)
+    return path
+
+
+def test_checkpoint_without_args_samples_with_model_flags(checkpoint, official_checkpoint, tmp_path):
+    ours, official = tmp_path / "ours.png", tmp_path / "official.png"
+    common = ["--classes", "2,7", "--per_class", "2", "--ema", "2", *FAST]
+    sample.main(["--checkpoint", str(checkpoint), "--out", str(ours), *common])
+    sample.main(["--checkpoint", str(official_checkpoint), "--model", "JiT-T/4", "--img_size", "32",
+                 "--class_num", "10", "--out", str(official), *common])
+    assert np.array_equal(pixels(official), pixels(ours))
+
+
+@pytest.mark.parametrize("given, missing", [
+    ([], "--model, --img_size, --class_num"),
+    (["--model", "JiT-T/4", "--img_size", "32"], "--class_num"),
+    (["--model", "JiT-T/4", "--class_num", "10"], "--img_size"),
+])
+def test_checkpoint_without_args_names_the_missing_flag(official_checkpoint, tmp_path, given, missing):
+    with pytest.raises(SystemExit) as error:
+        sample.main(["--checkpoint", str(official_checkpoint), *given, "--out", str(tmp_path / "x.png"), *FAST])
+    assert str(error.value) == (f"sample.py: error: {official_checkpoint} has no saved 'args' (an official "
+                                f"checkpoint?): give {missing}")
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("class_num, expected", [
+    (1000, [207, 360, 387, 974, 88, 979, 417, 279]),  # the showcase classes of the DiT/JiT figures
+    (20, [0, 3, 5, 8, 11, 14, 16, 19]),  # no showcase list: 8 classes spread over the range
+])
+def test_default_classes_of_a_large_model(tmp_path, monkeypatch, class_num, expected):
+    args = get_args_parser().parse_args(["--model", "JiT-T/4", "--img_size", "32", "--class_num", str(class_num),
+                                         "--device", "cpu"])
+    model = Denoiser(args)
+    save_checkpoint(str(tmp_path / "big.pth"), model, torch.optim.AdamW(model.parameters()), 0, args)
+    seen = []
+    monkeypatch.setattr(Denoiser, "generate", lambda model, labels, on_step=None: seen.extend(labels.tolist())
+                        or torch.zeros(len(labels), 3, 32, 32))
+    sample.main(["--checkpoint", str(tmp_path / "big.pth"), "--per_class", "2", "--out", str(tmp_path / "g.png"), *FAST])
+    assert seen == [c for c in expected for _ in range(2)]
+
+
+def test_prompts_file_equals_prompts_on_the_command_line(make_args, tiny_llm_path, tmp_path):
+    """--prompts_file (one caption per line, blank lines and surrounding spaces ignored) draws what --prompts draws."""
+    args = make_args("--model", "JiT-T/4-Text", "--llm_model_name", tiny_llm_path)
+    torch.manual_seed(0)
+    model = Denoiser(args)
+    shift_(model.parameters(), 0.05, 5)
+    ckpt = tmp_path / "text.pth"
+    save_checkpoint(str(ckpt), model, torch.optim.AdamW(model.parameters()), 0, args)
+    prompts = tmp_path / "prompts_in.txt"
+    prompts.write_text("犬の写真\n\n  a photo of a cat \n", encoding="utf-8")
+    common = ["--checkpoint", str(ckpt), "--per_class", "2", "--text_cache_dir", str(tmp_path / "cache"), *FAST]
+    sample.main([*common, "--prompts_file", str(prompts), "--out", str(tmp_path / "file.png")])
+    sample.main([*common, "--prompts", "犬の写真", "a photo of a cat", "--out", str(tmp_path / "cli.png")])
+    assert np.array_equal(pixels(tmp_path / "file.png"), pixels(tmp_path / "cli.png"))
+    assert (tmp_path / "file.txt").read_text(encoding="utf-8").splitlines() == [
+        "row 0 col 0: 犬の写真", "row 0 col 1: 犬の写真", "row 1 col 0: a photo of a cat", "row 1 col 1: a photo of a cat"]
+    with pytest.raises(SystemExit, match=r"^sample.py: error: --prompts_file .*nope.txt: .*No such file"):
+        sample.main([*common, "--prompts_file", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "x.png")])

@@ -17,7 +17,7 @@ from util.checkpoint import read_checkpoint, resolve_resume_path
 from util.lr_sched import learning_rate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--model", "JiT-T/4", "--img_size", "32", "--class_num", "2", "--device", "cpu"]
+TINY = ["--model", "JiT-T/4", "--img_size", "32", "--class_num", "2", "--device", "cpu", "--precision", "fp32"]
 
 
 def tiny_args(*extra):
@@ -69,6 +69,9 @@ def test_torchrun_train_resume_evaluate(image_folder, tmp_path):
                            ckpt["model_ema1"]["net.final_layer.linear.weight"])
     steps = [s["step"].item() for s in ckpt["optimizer"]["state"].values()]
     assert set(steps) == {4.0}
+    # default lr = blr * batch_size * world_size / 256, and past the 1-epoch warm-up it is what AdamW stepped with
+    assert ckpt["args"].lr == 1e-3 * 4 * 2 / 256 and "lr 3.13e-05 (blr 1.00e-03, effective batch 8)" in log
+    assert {group["lr"] for group in ckpt["optimizer"]["param_groups"]} == {1e-3 * 4 * 2 / 256}
 
     log = run(torchrun(*common, "--epochs", 3, "--resume", out))
     assert "continuing at epoch 2 step 0" in log and "Epoch [2] [2/2]" in log and "Epoch [1]" not in log
@@ -84,15 +87,29 @@ def test_torchrun_train_resume_evaluate(image_folder, tmp_path):
     inception = fid.load_inception(None, torch.device("cpu"))
     pool, _ = fid.inception_features(inception, reals.permute(0, 3, 1, 2).contiguous())
     fid.save_stats(stats, fid.features_to_stats(pool))
-    log = run(torchrun("--evaluate_gen", "--resume", out, "--output_dir", out, "--num_images", 4, "--gen_bsz", 2,
-                       "--num_sampling_steps", 3, "--cfg", 2.0, "--fid_stats", stats, "--sweep_ema", "1,2"))
+    log = run(torchrun("--evaluate_gen", "--resume", out, "--output_dir", out, "--num_images", 6, "--gen_bsz", 2,
+                       "--num_sampling_steps", 3, "--cfg", 2.0, "--fid_stats", stats, "--sweep_ema", "1,2",
+                       "--save_png"))
     fids = [line for line in log.splitlines() if "FID" in line and "Inception" in line]
     assert len(fids) == 2, log
-    value = float(fids[0].split("FID ")[1].split()[0])
-    assert np.isfinite(value) and value > 0
-    assert (out / "samples_epoch2_cfg2_ema1.png").is_file() and (out / "samples_epoch2_cfg2_ema2.png").is_file()
-    grid = Image.open(out / "samples_epoch2_cfg2_ema1.png")
-    assert grid.size == (2 + 2 * 34, 2 + 34)  # rank 0's 2 images of 32 px in one row (make_grid padding 2)
+    for line, ema in zip(fids, (1, 2)):
+        # rank 0 gathered all 6 images (3 per rank, in batches of 2 and 1), 3 per class, each saved once
+        assert f"[epoch2_cfg2_ema{ema}] FID " in line and "(6 images," in line, line
+        png_dir = out / f"images_epoch2_cfg2_ema{ema}"
+        names = sorted(os.listdir(png_dir))
+        assert names == [f"{i:06d}_class{i % 2}.png" for i in range(6)]
+        images = torch.stack([torch.from_numpy(np.asarray(Image.open(png_dir / n))).permute(2, 0, 1) for n in names])
+        # the FID of the gathered in-memory features equals one computed here from the saved PNGs
+        pool, _ = fid.inception_features(inception, images)
+        expected = fid.fid_from_stats(fid.features_to_stats(pool), fid.load_stats(stats))
+        assert float(line.split("FID ")[1].split()[0]) == pytest.approx(expected, rel=1e-3, abs=1e-3)
+        # the grid shows rank 0's share (global indices 0, 2, 4), cell for cell (make_grid padding 2, 8 columns)
+        grid = np.asarray(Image.open(out / f"samples_epoch2_cfg2_ema{ema}.png"))
+        assert grid.shape == (2 + 34, 2 + 3 * 34, 3)
+        for cell, index in enumerate((0, 2, 4)):
+            assert np.array_equal(grid[2:34, 2 + 34 * cell:34 + 34 * cell], images[index].permute(1, 2, 0).numpy())
+    ema1, ema2 = (np.asarray(Image.open(out / f"images_epoch2_cfg2_ema{e}" / "000001_class1.png")) for e in (1, 2))
+    assert not np.array_equal(ema1, ema2)  # the sweep did switch tracks
 
 
 def fixed_batch():

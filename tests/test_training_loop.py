@@ -1,0 +1,188 @@
+"""What main_jit.py's training loop actually does: the learning rate that reaches AdamW at every step, the random
+horizontal flip (axis, rate, resume, --no_hflip), and an online evaluation that leaves the training RNG alone."""
+import builtins
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import engine_jit
+import main_jit
+import util.misc as misc
+from demo import read_scalars
+from denoiser import Denoiser
+from util import fid
+from util.checkpoint import read_checkpoint
+
+FORWARD = Denoiser.forward
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "JiT-T/4", "--img_size", "32", "--class_num", "2", "--device", "cpu", "--precision", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """<root>/train/{a,b}/*.png: 8 random 32 x 32 images per class (the crop keeps them whole; none is its own
+    mirror image), and the same images as uint8 (16, 3, 32, 32) in the order of ImageFolder's samples."""
+    root = tmp_path_factory.mktemp("flipdata")
+    rng = np.random.default_rng(3)
+    images = []
+    for c in ("a", "b"):
+        os.makedirs(root / "train" / c)
+        for i in range(8):
+            pixels = rng.integers(0, 256, (32, 32, 3)).astype(np.uint8)
+            Image.fromarray(pixels).save(root / "train" / c / f"{i}.png")
+            images.append(torch.from_numpy(pixels).permute(2, 0, 1))
+    return root, torch.stack(images)
+
+
+def run_main(argv, monkeypatch):
+    """main_jit.main in this process (so that the optimizer and the model can be watched), leaving the process as
+    it was: RNG states, builtins.print (main replaces it) and glibc's malloc settings (main changes them on CPUs)."""
+    monkeypatch.setattr(builtins, "print", builtins.print)
+    monkeypatch.setattr(misc, "keep_freed_cpu_memory", lambda device: False)
+    args = main_jit.get_args_parser().parse_args(TINY + [str(a) for a in argv])
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        main_jit.main(args)
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
+    return args
+
+
+def test_learning_rate_reaching_the_optimizer(image_folder, tmp_path, monkeypatch):
+    """Default lr = blr * batch_size * world_size / 256; per step, linear warm-up over the first epoch (fractional
+    epochs: epoch + step / steps_per_epoch), then half-cycle cosine to min_lr. Read back from AdamW's param_groups
+    just before each step, and from the TensorBoard 'lr' scalar, against the closed form written out here."""
+    seen = []
+    build = misc.build_optimizer
+
+    def watched(*args, **kwargs):
+        optimizer = build(*args, **kwargs)
+        optimizer.register_step_pre_hook(lambda opt, a, k: seen.append({g["lr"] for g in opt.param_groups}))
+        return optimizer
+
+    monkeypatch.setattr(misc, "build_optimizer", watched)
+    out = tmp_path / "lr"
+    args = run_main(["--data_path", image_folder[0], "--output_dir", out, "--batch_size", 4, "--num_workers", 0,
+                     "--epochs", 3, "--warmup_epochs", 1, "--blr", 2e-3, "--lr_schedule", "cosine", "--min_lr", 1e-5,
+                     "--log_freq", 1], monkeypatch)
+    base = 2e-3 * 4 * 1 / 256
+    assert args.lr == base
+    expected = []
+    for epoch in range(3):
+        for step in range(4):  # 16 images / batch 4
+            e = epoch + step / 4
+            expected.append(base * e if e < 1 else 1e-5 + (base - 1e-5) * 0.5 * (1 + math.cos(math.pi * (e - 1) / 2)))
+    assert len(seen) == 12 and all(len(lrs) == 1 for lrs in seen)  # every group gets the same value
+    assert [lrs.pop() for lrs in seen] == pytest.approx(expected, rel=1e-12, abs=0)
+    logged = read_scalars(str(out), "lr")
+    assert [step for step, _ in logged] == list(range(1, 13))
+    assert [value for _, value in logged] == pytest.approx(expected, rel=1e-6)  # float32 in the event file
+
+
+def test_random_flip_axis_and_rate():
+    """random_flip mirrors along the width (last) axis, each image with probability 1/2 from the global RNG."""
+    n = 20000
+    x = torch.arange(n * 3 * 2 * 4, dtype=torch.float32).view(n, 3, 2, 4)
+    torch.manual_seed(0)
+    y = engine_jit.random_flip(x)
+    flipped = (y == x.flip(-1)).flatten(1).all(1)
+    assert ((y == x).flatten(1).all(1) | flipped).all()  # each image whole, or mirrored left-right
+    assert abs(flipped.float().mean().item() - 0.5) < 5 * math.sqrt(0.25 / n)  # 5 sigma: 0.5 +- 0.018
+    torch.manual_seed(0)
+    assert torch.equal(engine_jit.random_flip(x), y)  # drawn from the (checkpointed) training RNG
+
+
+def training_inputs(image_folder, out, monkeypatch, *extra):
+    """Run main_jit.main and return the images the Denoiser was trained on, as uint8 (one tensor per step)."""
+    seen = []
+
+    def watched(model, x, labels, *args, **kwargs):
+        seen.append(((x + 1) / 2 * 255).round().to(torch.uint8))
+        return FORWARD(model, x, labels, *args, **kwargs)
+
+    monkeypatch.setattr(Denoiser, "forward", watched)
+    run_main(["--data_path", image_folder, "--output_dir", out, "--batch_size", 4, "--num_workers", 0,
+              "--warmup_epochs", 1, "--blr", 1e-2, "--log_freq", 4, *extra], monkeypatch)
+    return seen
+
+
+def flip_kinds(batches, images):
+    """For each image the model saw: 'plain' or 'mirrored' (left-right) copy of a training image, else 'other'."""
+    kinds = []
+    for x in torch.cat(batches):
+        plain = (images == x).flatten(1).all(1).any()
+        mirrored = (images.flip(-1) == x).flatten(1).all(1).any()
+        kinds.append("plain" if plain else "mirrored" if mirrored else "other")
+    return kinds
+
+
+def test_training_flips_left_right_identically_on_resume(image_folder, tmp_path, monkeypatch):
+    root, images = image_folder
+    uninterrupted = training_inputs(root, tmp_path / "a", monkeypatch, "--epochs", 2)
+    kinds = flip_kinds(uninterrupted, images)
+    assert len(kinds) == 32 and "other" not in kinds  # no up-down flip, no other change
+    assert 4 <= kinds.count("mirrored") <= 28  # p = 0.5 over 32 images: outside this with probability < 1e-4
+
+    # stopped after epoch 0 and resumed: epoch 1 trains on the same images with the same flips
+    first = training_inputs(root, tmp_path / "b", monkeypatch, "--epochs", 1)
+    resumed = training_inputs(root, tmp_path / "b", monkeypatch, "--epochs", 2, "--resume", tmp_path / "b")
+    assert len(first) == len(resumed) == 4
+    for a, b in zip(uninterrupted, first + resumed, strict=True):
+        assert torch.equal(a, b)
+
+    no_flip = training_inputs(root, tmp_path / "c", monkeypatch, "--epochs", 2, "--no_hflip")
+    assert flip_kinds(no_flip, images) == ["plain"] * 32
+
+
+def test_online_eval_then_kill_and_resume_equals_uninterrupted_run(image_folder, tmp_path):
+    """--online_eval after every epoch: a run killed after the evaluation of epoch 0 and resumed from the checkpoint
+    written before that evaluation trains exactly like one that never stopped (losses to the printed 6 decimals,
+    final weights, EMA tracks and AdamW state bit for bit): the evaluation's random draws are not the training's."""
+    from test_resilience import assert_same_checkpoint, step_losses
+
+    stats = tmp_path / "stats.npz"
+    fid.save_stats(stats, {"mu": np.zeros(2048), "sigma": np.eye(2048)})
+
+    def cmd(out, *extra):
+        return [sys.executable, "main_jit.py", *TINY, "--data_path", str(image_folder[0]), "--output_dir", str(out),
+                "--batch_size", "4", "--num_workers", "0", "--epochs", "3", "--warmup_epochs", "1", "--blr", "1e-2",
+                "--log_freq", "1", "--save_last_freq", "1", "--online_eval", "--eval_freq", "1", "--num_images", "2",
+                "--gen_bsz", "2", "--num_sampling_steps", "2", "--sampling_method", "euler", "--cfg", "2.0",
+                "--fid_stats", str(stats), *extra]
+
+    reference = subprocess.run(cmd(tmp_path / "ref"), cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert reference.returncode == 0, reference.stderr
+    ref_log = reference.stdout + reference.stderr
+    expected = step_losses(ref_log)
+    assert len(expected) == 12 and ref_log.count("] FID ") == 3  # 3 epochs x 4 steps, an evaluation after each
+
+    out = tmp_path / "killed"
+    log_path = tmp_path / "killed.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd(out), cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        start = time.time()
+        while proc.poll() is None and "[epoch0_cfg2_ema1] FID" not in log_path.read_text() and time.time() - start < 600:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL  # killed, not finished
+    killed_log = log_path.read_text()
+    assert "[epoch0_cfg2_ema1] FID" in killed_log and "Epoch [1] [4/4]" not in killed_log
+    resumed = subprocess.run(cmd(out, "--resume", out), cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert resumed.returncode == 0, resumed.stderr
+    resumed_log = resumed.stdout + resumed.stderr
+    assert "continuing at epoch 1 step 0" in resumed_log
+    losses = step_losses(killed_log)
+    losses.update(step_losses(resumed_log))
+    assert losses == expected
+    assert_same_checkpoint(read_checkpoint(tmp_path / "ref" / "checkpoint-last.pth"),
+                           read_checkpoint(out / "checkpoint-last.pth"))
