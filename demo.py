@@ -240,6 +240,26 @@ def adherence_rows(items, splits):
     return rows
 
 
+def start(args, out):
+    """Device, autocast precision and the environment of the stage commands (offline, unbuffered); makes out.
+    torch is imported here, after argument parsing, so that --help stays fast."""
+    import torch
+
+    import util.misc as misc
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    precision = misc.resolve_precision(args.precision, torch.device(device.split(":")[0]))
+    print(f"device {device}, precision {precision}, output folder {out}")
+    os.makedirs(out, exist_ok=True)
+    return device, precision, dict(os.environ, JIT_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+
+
+def stage(name, title):
+    """Announce a stage; returns its start time."""
+    print(f"\n=== {name}: {title} ===", flush=True)
+    return time.time()
+
+
 def main_text(args):
     """demo.py --text: train JiT-T/4-Text on the coloured shapes, sample prompts of seen and held-out combinations,
     score what was drawn."""
@@ -257,19 +277,10 @@ def main_text(args):
                else ["--sampling_method", "heun", "--num_sampling_steps", str(TEXT_SAMPLING_STEPS)])
     import torch
 
-    import util.misc as misc
     from engine_jit import save_grid
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    precision = misc.resolve_precision(args.precision, torch.device(device.split(":")[0]))
-    print(f"device {device}, precision {precision}, output folder {out}")
-    env = dict(os.environ, JIT_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    os.makedirs(out, exist_ok=True)
+    device, precision, env = start(args, out)
     timings = []
-
-    def stage(name, title):
-        print(f"\n=== {name}: {title} ===", flush=True)
-        return time.time()
 
     t0 = stage("1/5 data", "coloured shapes with Japanese and English captions")
     data_root = os.path.join(out, "shapes")
@@ -400,20 +411,8 @@ def main(args):
         raise SystemExit(f"demo.py: error: --fid_images {fid_images} is not a multiple of {NUM_CLASSES}")
     sampler = (["--sampling_method", "euler", "--num_sampling_steps", "4"] if quick
                else ["--sampling_method", "heun", "--num_sampling_steps", "20"])
-    import torch  # after argument parsing: --help stays fast
-
-    import util.misc as misc
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    precision = misc.resolve_precision(args.precision, torch.device(device.split(":")[0]))
-    print(f"device {device}, precision {precision}, output folder {out}")
-    env = dict(os.environ, JIT_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    os.makedirs(out, exist_ok=True)
+    device, precision, env = start(args, out)
     timings = []
-
-    def stage(name, title):
-        print(f"\n=== {name}: {title} ===", flush=True)
-        return time.time()
 
     # 1. data
     t0 = stage("1/6 data", "scikit-learn digits -> 32 x 32 PNGs")
