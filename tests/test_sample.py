@@ -246,7 +246,8 @@ def test_default_classes_of_a_large_model(tmp_path, monkeypatch, class_num, expe
 
 
 def test_prompts_file_equals_prompts_on_the_command_line(make_args, tiny_llm_path, tmp_path):
-    """--prompts_file (one caption per line, blank lines and surrounding spaces ignored) draws what --prompts draws."""
+    """--prompts_file (one caption per line, surrounding spaces ignored) draws what --prompts draws; a blank line
+    stops with one line naming the file and the line (it would shift every later prompt's row)."""
     args = make_args("--model", "JiT-T/4-Text", "--llm_model_name", tiny_llm_path)
     torch.manual_seed(0)
     model = Denoiser(args)
@@ -254,12 +255,16 @@ def test_prompts_file_equals_prompts_on_the_command_line(make_args, tiny_llm_pat
     ckpt = tmp_path / "text.pth"
     save_checkpoint(str(ckpt), model, torch.optim.AdamW(model.parameters()), 0, args)
     prompts = tmp_path / "prompts_in.txt"
-    prompts.write_text("犬の写真\n\n  a photo of a cat \n", encoding="utf-8")
+    prompts.write_text("犬の写真\n  a photo of a cat \n", encoding="utf-8")
     common = ["--checkpoint", str(ckpt), "--per_class", "2", "--text_cache_dir", str(tmp_path / "cache"), *FAST]
     sample.main([*common, "--prompts_file", str(prompts), "--out", str(tmp_path / "file.png")])
     sample.main([*common, "--prompts", "犬の写真", "a photo of a cat", "--out", str(tmp_path / "cli.png")])
     assert np.array_equal(pixels(tmp_path / "file.png"), pixels(tmp_path / "cli.png"))
     assert (tmp_path / "file.txt").read_text(encoding="utf-8").splitlines() == [
         "row 0 col 0: 犬の写真", "row 0 col 1: 犬の写真", "row 1 col 0: a photo of a cat", "row 1 col 1: a photo of a cat"]
+    blank = tmp_path / "blank.txt"
+    blank.write_text("犬の写真\n\na photo of a cat\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match=rf"^sample.py: error: --prompts_file {blank}: line 2 is blank"):
+        sample.main([*common, "--prompts_file", str(blank), "--out", str(tmp_path / "x.png")])
     with pytest.raises(SystemExit, match=r"^sample.py: error: --prompts_file .*nope.txt: .*No such file"):
         sample.main([*common, "--prompts_file", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "x.png")])
