@@ -204,20 +204,22 @@ def text_overhead(args, device, log):
             model, optimizer = build(args, device, text_llm=args.text_llm if text else None,
                                      text_conditioning=kind if text else None)
             if text:
-                encoder = model.net.y_embedder.encoder
+                caption_llm = model.net.y_embedder.caption_llm
                 many = [f"{c}、{j}" for j in range(-(-args.text_captions // len(captions))) for c in captions]
-                start = time.perf_counter()
-                build_store(encoder, many[:args.text_captions], store_root, progress=False)
+                start = time.perf_counter()  # the rate includes loading the LLM's weights, as a training start does
+                build_store(caption_llm, many[:args.text_captions], store_root, device, progress=False)
                 embed_rate[kind] = args.text_captions / (time.perf_counter() - start)
-                model.net.y_embedder.set_captions(captions, build_store(encoder, captions, store_root, progress=False))
+                model.net.y_embedder.set_captions(captions, build_store(caption_llm, captions, store_root, device,
+                                                                        progress=False))
             steps[kind] = functools.partial(train_step, model, model, optimizer, x, ids, args.precision)
             benchmark.timed_calls(args.train_warmup, steps[kind], device)
         times = {kind: [] for kind in kinds}
         for _ in range(args.train_iters):
             for kind in kinds:
                 times[kind] += benchmark.timed_calls(1, steps[kind], device)[0]
-        llm_s = statistics.mean(benchmark.timed_calls(args.train_iters, lambda: encoder.pooled_features(captions),
-                                                      device)[0])
+        with caption_llm.loaded(device):
+            llm_s = statistics.mean(benchmark.timed_calls(args.train_iters,
+                                                          lambda: caption_llm.pooled_features(captions), device)[0])
     seconds = {kind: statistics.mean(t) for kind, t in times.items()}
     first = kinds[1]
     rec = {"text_llm": args.text_llm, "batch_size": args.batch_size, "class_step_s": seconds["class"],

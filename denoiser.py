@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from model_jit import JiT_models
-from text_conditioning import LLMTextEncoder, TextEmbedder
+from text_conditioning import CaptionLLM, TextEmbedder, TextProjection
 from util.checkpoint import (PRETRAINED_MODEL_FIELDS, PRETRAINED_SAMPLER_FIELDS, load_pretrained,
                              read_pretrained_config)
 
@@ -26,10 +26,11 @@ class Denoiser(nn.Module):
         build = JiT_models[args.model]
         text_encoder = y_embedder = None
         if is_text_model(args):
-            text_encoder = LLMTextEncoder(args.llm_model_name, build.keywords["hidden_size"],
-                                          max_text_len=args.max_text_len, freeze=args.freeze_llm,
-                                          conditioning=getattr(args, "text_conditioning", "pooled"))
-            y_embedder = functools.partial(TextEmbedder, text_encoder)
+            # the LLM's tokenizer and config only: its frozen weights are loaded while captions are embedded
+            caption_llm = CaptionLLM(args.llm_model_name, max_text_len=args.max_text_len,
+                                     conditioning=getattr(args, "text_conditioning", "pooled"))
+            text_encoder = TextProjection(caption_llm, build.keywords["hidden_size"], freeze=args.freeze_llm)
+            y_embedder = functools.partial(TextEmbedder, caption_llm, text_encoder)
         self.net = build(input_size=args.img_size, in_channels=3, num_classes=args.class_num,
                          attn_drop=args.attn_dropout, proj_drop=args.proj_dropout,
                          attn_impl=getattr(args, "attn_impl", "sdpa"), y_embedder=y_embedder)

@@ -20,7 +20,7 @@ import util.misc as misc
 from denoiser import Denoiser, is_text_model
 from engine_jit import evaluate_sweep, train_one_epoch, validate
 from model_jit import ATTN_IMPLS, JiT_models
-from text_conditioning import TEXT_CONDITIONINGS
+from text_conditioning import TEXT_CONDITIONINGS, trainable_llm_warning
 from text_image_dataset import ImageNetWithCaptions, TextImageDataset
 from util import fid
 from util.checkpoint import (load_checkpoint, read_checkpoint, remove_stale_temporaries, resolve_resume_path,
@@ -283,9 +283,10 @@ def setup_captions(args, model_without_ddp, dataset, val_captions=()):
     captions = captions + (prompts if args.prompts_file else []) + list(val_captions)
     embedder = model_without_ddp.net.y_embedder
     store = None
-    if embedder.encoder.freeze:
+    if embedder.encoder.freeze:  # embedded on the model's device; the LLM's weights are released after
         try:
-            store = build_store(embedder.encoder, captions, args.text_cache_dir, progress=misc.is_main_process())
+            store = build_store(embedder.caption_llm, captions, args.text_cache_dir,
+                                device=embedder.null_embedding.device, progress=misc.is_main_process())
         except ValueError as e:  # a store of another LLM (names its folder), features out of float16 range
             raise SystemExit(str(e))
     embedder.set_captions(captions, store)
@@ -420,6 +421,8 @@ def main(args):
     model_without_ddp = model
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{args.model}: {num_params / 1e6:.2f}M trainable parameters")
+    if is_text_model(args) and not args.freeze_llm:
+        print(trainable_llm_warning(model.net.y_embedder.encoder.llm))
 
     eff_batch_size = args.batch_size * misc.get_world_size()
     if args.lr is None:

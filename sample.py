@@ -201,12 +201,14 @@ def main(argv=None):
         from util.text_store import build_store
 
         targets = read_prompts(cli)
-        encoder = model.net.y_embedder.encoder
-        try:  # the training captions' store: a prompt seen in training gets the very rows training read
-            store = build_store(encoder, targets, args.text_cache_dir) if encoder.freeze else None
+        embedder = model.net.y_embedder
+        try:  # the training captions' store: a prompt seen in training gets the very rows training read; the LLM's
+            # weights are loaded only if a prompt is new to it, and released before sampling
+            store = (build_store(embedder.caption_llm, targets, args.text_cache_dir, device=device)
+                     if embedder.encoder.freeze else None)
         except ValueError as e:
             fail(str(e))
-        model.net.y_embedder.set_captions(targets, store)
+        embedder.set_captions(targets, store)
         ids = list(range(len(targets)))
     else:
         ids = parse_classes(cli.classes, args.class_num) if cli.classes is not None else default_classes(args.class_num)

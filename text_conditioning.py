@@ -1,5 +1,5 @@
 """Text conditioning of -Text models: a frozen LLM turns a caption into the condition that replaces JiT's class
-embedding (model_jit.JiT takes it as its y_embedder).
+embedding (model_jit.JiT takes TextEmbedder as its y_embedder).
 
 Two modes (--text_conditioning):
 - pooled (default, the published design): the LLM's last hidden states mean-pooled over the real tokens and projected
@@ -8,12 +8,16 @@ Two modes (--text_conditioning):
   projected to the JiT width with learned positions, as text tokens in front of the in-context tokens from block
   in_context_start on (unrotated, padding masked out of attention).
 
-The frozen LLM is kept OUT of the module tree: never re-initialised, never in state_dict()/parameters()/EMA/
-checkpoints. Each distinct caption goes through it once, into the caption feature store (util/text_store.py), which
-the embedder reads per batch.
+The frozen LLM lives outside the trained network, as DiT keeps its VAE: CaptionLLM (a plain object, not a module) owns
+the tokenizer, the config, the feature extraction and the weights, which it loads only while captions are embedded
+into the caption feature store (util/text_store.py) and releases after. The network holds only what trains: the
+projection (TextProjection), the null embedding and the per-token path (TextEmbedder), which read the store per batch.
+With --no-freeze_llm the LLM is trained, so it is an ordinary submodule (TextProjection.llm) instead.
 """
+import gc
 import hashlib
 import json
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -24,105 +28,75 @@ from util.llm import check_llm_folder
 TEXT_CONDITIONINGS = ("pooled", "tokens")
 
 
-class _SharedRef:
-    """Holds an object outside nn.Module's registries; copy.deepcopy shares it instead of duplicating it."""
-    __slots__ = ("obj",)
+class CaptionLLM:
+    """The LLM of -Text models: tokenizer and config at construction; weights only inside `with loaded(device)`.
 
-    def __init__(self, obj):
-        self.obj = obj
-
-    def __deepcopy__(self, memo):
-        return self
-
-
-class LLMTextEncoder(nn.Module):
-    """Caption -> LLM last_hidden_state -> masked mean over the real tokens -> Linear(llm_hidden, hidden_size).
-
-    pooled_features(captions) runs the LLM ((B, llm_hidden) float32); last_hidden_states(captions) gives the
-    per-token states and their mask; features(captions) is what the caption store keeps for the conditioning mode
-    (`conditioning`, part of the fingerprint); forward(pooled) is the trainable projection.
-    Frozen (default): the LLM is a plain attribute (not a submodule): absent from state_dict(), parameters(),
-    the EMA tracks and checkpoints, requires_grad False, always in eval mode; it still follows .to()/.cuda()/.cpu()
-    of any parent module. Not frozen: the LLM is the registered, trainable submodule `llm` (keys llm.*).
-    The LLM weights are never touched by any weight init. Compute policy: frozen LLM weights are bfloat16 on CUDA
-    and float32 elsewhere (dtype casts of the parent such as .half() do not change this); a trainable LLM keeps
-    float32 weights and runs under bfloat16 autocast on CUDA. Pooled features are always float32.
+    tokenize, last_hidden_states, pooled_features and features (what the caption store keeps per caption in the
+    `conditioning` mode) run the frozen weights of loaded(), or the `model` given (a trainable LLM). The fingerprint
+    (caption stores, checkpoints) needs no weights. Frozen weights are loaded in the dtype they compute in
+    (compute_dtype: bfloat16 on CUDA, float32 elsewhere), straight onto the embedding device; features are float32.
     """
 
     # the last part of the fingerprint: what the caption store holds per caption; change it if the features change
     FEATURES = {"pooled": "masked-mean-v1", "tokens": "last-hidden-tokens-v1"}
 
-    def __init__(self, llm_name_or_path, hidden_size, max_text_len=77, freeze=True, conditioning="pooled"):
-        super().__init__()
-        import transformers
-        from transformers import AutoModel, AutoTokenizer
+    def __init__(self, name_or_path, max_text_len=77, conditioning="pooled"):
+        from transformers import AutoConfig, AutoTokenizer
 
         if conditioning not in TEXT_CONDITIONINGS:
             raise ValueError(f"--text_conditioning must be one of {TEXT_CONDITIONINGS}, got {conditioning!r}")
         self.conditioning = conditioning
-        self.llm_name_or_path = str(llm_name_or_path)
+        self.name_or_path = str(name_or_path)
         self.max_text_len = int(max_text_len)
-        self.freeze = bool(freeze)
-        check_llm_folder(self.llm_name_or_path)  # a local folder without config or tokenizer: one line, no traceback
-        tokenizer = AutoTokenizer.from_pretrained(llm_name_or_path)
+        check_llm_folder(self.name_or_path)  # a local folder without config or tokenizer: one line, no traceback
+        tokenizer = AutoTokenizer.from_pretrained(self.name_or_path)
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:
-                raise ValueError(f"tokenizer of {llm_name_or_path} has neither a pad nor an eos token")
+                raise ValueError(f"tokenizer of {self.name_or_path} has neither a pad nor an eos token")
             tokenizer.pad_token = tokenizer.eos_token
         # right padding: the real tokens keep positions 0..n-1 whatever the batch, so a caption's features do
         # not depend on the other captions of its batch (up to kernel rounding, see util/text_store.py)
         tokenizer.padding_side = "right"
         self.tokenizer = tokenizer
-        major_minor = tuple(int(v) for v in transformers.__version__.split(".")[:2])
-        dtype_kw = "dtype" if major_minor >= (4, 56) else "torch_dtype"
-        llm = AutoModel.from_pretrained(llm_name_or_path, **{dtype_kw: torch.float32})
-        self.llm_hidden_size = int(llm.config.hidden_size)
-        if self.freeze:
-            llm.requires_grad_(False)
-            llm.eval()
-            self._frozen_llm = _SharedRef(llm)  # plain attribute: not registered, not in state_dict
-        else:
-            self._frozen_llm = None
-            self.add_module("llm", llm)
-        self.proj = nn.Linear(self.llm_hidden_size, hidden_size)
-        nn.init.xavier_uniform_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        self.config = AutoConfig.from_pretrained(self.name_or_path)
+        self.hidden_size = int(self.config.hidden_size)
+        self.model = None  # the frozen weights, only while loaded()
         self._fingerprint = None
 
-    # ------------------------------------------------------------------ the LLM and its device
-    def __getattr__(self, name):
-        if name == "llm" and self.__dict__.get("_frozen_llm") is not None:
-            return self.__dict__["_frozen_llm"].obj
-        return super().__getattr__(name)
-
-    @property
-    def llm_device(self):
-        return next(self.llm.parameters()).device
-
-    @property
-    def llm_compute_dtype(self):
-        """dtype the LLM computes in on its current device (bfloat16 on CUDA, float32 otherwise)."""
-        return torch.bfloat16 if self.llm_device.type == "cuda" else torch.float32
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        if self.freeze:
-            llm = self.llm
-            current = next(llm.parameters()).device
-            target = fn(torch.empty(0, device=current)).device  # where the parent is being moved (dtype ignored)
-            if target != current or next(llm.parameters()).dtype != self._frozen_dtype_for(target):
-                llm.to(device=target, dtype=self._frozen_dtype_for(target))
-        return self
-
+    # ------------------------------------------------------------------ weights
     @staticmethod
-    def _frozen_dtype_for(device):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    def compute_dtype(device):
+        """dtype the frozen LLM computes in on `device` (bfloat16 on CUDA, float32 otherwise): part of a store's key."""
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
-    def train(self, mode=True):
-        super().train(mode)
-        if self.freeze:
-            self.llm.eval()
-        return self
+    def load_trainable(self):
+        """The LLM to train (--no-freeze_llm): float32 weights on the CPU, to be moved with the network."""
+        from transformers import AutoModel
+
+        return AutoModel.from_pretrained(self.name_or_path, dtype=torch.float32)
+
+    @contextmanager
+    def loaded(self, device):
+        """The frozen weights in compute_dtype(device) on `device` for the duration of the block, then released
+        (del + gc + the CUDA cache): after the captions are embedded nothing of the LLM stays on the host or GPU.
+        transformers builds the model on the meta device and fills it from the checkpoint in the target dtype,
+        so no float32 copy is made; device_map places it directly (it needs accelerate; without it the model is
+        loaded on the CPU in the compute dtype and moved)."""
+        from transformers import AutoModel
+        from transformers.utils import is_accelerate_available
+
+        device = torch.device(device)
+        placement = {"device_map": device} if device.type != "cpu" and is_accelerate_available() else {}
+        model = AutoModel.from_pretrained(self.name_or_path, dtype=self.compute_dtype(device), **placement)
+        self.model = model.to(device).requires_grad_(False).eval()
+        del model
+        try:
+            yield self.model
+        finally:
+            self.model = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ features
     def tokenize(self, captions):
@@ -131,43 +105,43 @@ class LLMTextEncoder(nn.Module):
         return self.tokenizer(list(captions), padding=True, truncation=True, max_length=self.max_text_len,
                               return_tensors="pt")
 
-    def last_hidden_states(self, captions):
-        """((B, T, llm_hidden) float32 last hidden states, (B, T) attention mask) on the LLM's device; T is the
-        longest caption of the batch (right padding, at most max_text_len tokens)."""
+    def last_hidden_states(self, captions, model=None):
+        """((B, T, hidden) float32 last hidden states, (B, T) attention mask) on the model's device; T is the longest
+        caption of the batch (right padding, at most max_text_len tokens). model: a trainable LLM, run under bfloat16
+        autocast on CUDA; default the frozen weights of loaded(), run in their own dtype."""
+        frozen = model is None
+        model = self.model if frozen else model
+        if model is None:
+            raise RuntimeError(f"{self.name_or_path}: the LLM weights are not loaded (use `with llm.loaded(device):`)")
         batch = self.tokenize(captions)
         mask = batch["attention_mask"]
         empty = [c for c, n in zip(captions, mask.sum(1).tolist()) if n == 0]
         if empty:
             raise ValueError(f"captions with no tokens cannot be encoded: {empty[:5]}")
-        device = self.llm_device
+        device = next(model.parameters()).device
         input_ids, mask = batch["input_ids"].to(device), mask.to(device)
-        if self.freeze:
+        if frozen:
             # fixed policy whatever autocast the caller is under: the weights already have the compute dtype
             with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
-                hidden = self.llm(input_ids=input_ids, attention_mask=mask).last_hidden_state
+                hidden = model(input_ids=input_ids, attention_mask=mask).last_hidden_state
         else:
-            use_bf16 = device.type == "cuda"
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                hidden = self.llm(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                hidden = model(input_ids=input_ids, attention_mask=mask).last_hidden_state
         return hidden.float(), mask
 
-    def pooled_features(self, captions):
-        """(B, llm_hidden) float32 on the LLM's device: mean of last_hidden_state over the non-padding tokens."""
-        hidden, mask = self.last_hidden_states(captions)
+    def pooled_features(self, captions, model=None):
+        """(B, hidden) float32 on the model's device: mean of last_hidden_state over the non-padding tokens."""
+        hidden, mask = self.last_hidden_states(captions, model)
         weights = mask.to(torch.float32).unsqueeze(-1)
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1)
 
-    def features(self, captions):
-        """What the caption store keeps of each caption: a list of (rows, llm_hidden) float32 tensors on the CPU,
-        one row (the pooled vector) per caption in pooled mode, one row per real token in tokens mode."""
+    def features(self, captions, model=None):
+        """What the caption store keeps of each caption: a list of (rows, hidden) float32 tensors, one row (the
+        pooled vector) per caption in pooled mode, one row per real token in tokens mode."""
         if self.conditioning == "pooled":
-            return list(self.pooled_features(captions).cpu().unsqueeze(1))
-        hidden, mask = self.last_hidden_states(captions)
-        hidden = hidden.cpu()
+            return list(self.pooled_features(captions, model).unsqueeze(1))
+        hidden, mask = self.last_hidden_states(captions, model)
         return [h[:n] for h, n in zip(hidden, mask.sum(1).tolist())]
-
-    def forward(self, pooled):
-        return self.proj(pooled)
 
     # ------------------------------------------------------------------ identity
     def fingerprint(self):
@@ -177,7 +151,7 @@ class LLMTextEncoder(nn.Module):
         config (without volatile fields such as transformers_version and dtype) and of the tokenizer's vocabulary.
         """
         if self._fingerprint is None:
-            config = self.llm.config.to_dict()
+            config = self.config.to_dict()
             for key in ("transformers_version", "_name_or_path", "name_or_path", "dtype", "torch_dtype",
                         "_commit_hash", "_attn_implementation", "_attn_implementation_internal",
                         "_attn_implementation_autoset", "use_cache"):
@@ -185,9 +159,34 @@ class LLMTextEncoder(nn.Module):
             config_hash = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
             vocab = json.dumps(sorted(self.tokenizer.get_vocab().items()), ensure_ascii=False)
             vocab_hash = hashlib.sha256(vocab.encode()).hexdigest()[:12]
-            self._fingerprint = (f"{self.llm_name_or_path}|config={config_hash}|vocab={len(self.tokenizer)}:"
+            self._fingerprint = (f"{self.name_or_path}|config={config_hash}|vocab={len(self.tokenizer)}:"
                                  f"{vocab_hash}|max_text_len={self.max_text_len}|{self.FEATURES[self.conditioning]}")
         return self._fingerprint
+
+
+class TextProjection(nn.Module):
+    """Linear(LLM hidden, hidden_size) from the pooled LLM features to y_emb (keys proj.weight|bias). With a trainable
+    LLM (--no-freeze_llm) the LLM is its submodule `llm` (keys llm.*: trained, in the EMA and checkpoints)."""
+
+    def __init__(self, caption_llm, hidden_size, freeze=True):
+        super().__init__()
+        self.freeze = bool(freeze)
+        if not self.freeze:
+            self.llm = caption_llm.load_trainable()  # loaded before the projection's init draws, as it always was
+        self.proj = nn.Linear(caption_llm.hidden_size, hidden_size)
+        nn.init.xavier_uniform_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, pooled):
+        return self.proj(pooled)
+
+
+def trainable_llm_warning(llm):
+    """One line for the log of a --no-freeze_llm run: what training the LLM costs on each rank's device."""
+    n = sum(p.numel() for p in llm.parameters())
+    # float32 weights, gradients, AdamW's two moments and the two EMA tracks: 6 x 4 bytes per parameter
+    return (f"warning: --no-freeze_llm trains the LLM's {n / 1e9:.2f}B parameters: with their gradients, AdamW's "
+            f"two moments and both EMA tracks they take {24 * n / 1e9:.1f} GB on each rank's device (frozen: none)")
 
 
 class TextEmbedder(nn.Module):
@@ -200,24 +199,26 @@ class TextEmbedder(nn.Module):
     for bit; with a trainable LLM they are computed in the step.
     forward returns y_emb (B, D) in pooled mode, (y_emb, text tokens (B, T, D), mask (B, T)) in tokens mode, where
     T is the longest caption of the batch and mask is False at padding.
+    caption_llm and the store are plain attributes: neither is module state (state_dict, parameters, .to()).
     """
 
-    def __init__(self, text_encoder, hidden_size):
+    def __init__(self, caption_llm, encoder, hidden_size):
         super().__init__()
-        self.encoder = text_encoder
-        self.conditioning = text_encoder.conditioning
+        self.caption_llm = caption_llm
+        self.encoder = encoder
+        self.conditioning = caption_llm.conditioning
         self.null_embedding = nn.Parameter(torch.zeros(1, hidden_size))
         nn.init.normal_(self.null_embedding, std=0.02)
         if self.conditioning == "tokens":
-            self.token_proj = nn.Linear(text_encoder.llm_hidden_size, hidden_size)
+            self.token_proj = nn.Linear(caption_llm.hidden_size, hidden_size)
             nn.init.xavier_uniform_(self.token_proj.weight)
             nn.init.zeros_(self.token_proj.bias)
-            self.token_posemb = nn.Parameter(torch.zeros(1, text_encoder.max_text_len, hidden_size))
+            self.token_posemb = nn.Parameter(torch.zeros(1, caption_llm.max_text_len, hidden_size))
             nn.init.normal_(self.token_posemb, std=0.02)
             self.null_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
             nn.init.normal_(self.null_token, std=0.02)
         self.captions = []
-        self._store = None  # _SharedRef to the CaptionStore: not module state, shared by copies
+        self.store = None
         self._locations = None
 
     def set_captions(self, captions, store=None):
@@ -226,7 +227,7 @@ class TextEmbedder(nn.Module):
             if store is None:
                 raise ValueError("a frozen text encoder reads caption features from a caption store (util/text_store)")
             self._locations = store.locate(captions)
-            self._store = _SharedRef(store)
+            self.store = store
         self.captions = list(captions)
 
     def caption_features(self, caption_ids):
@@ -238,14 +239,11 @@ class TextEmbedder(nn.Module):
         if not real:
             rows = []
         elif self.encoder.freeze:
-            rows = self._store.obj.read(self._locations[real])
-        elif self.conditioning == "pooled":
-            rows = list(self.encoder.pooled_features([self.captions[i] for i in real]).unsqueeze(1))
+            rows = self.store.read(self._locations[real])
         else:
-            hidden, mask = self.encoder.last_hidden_states([self.captions[i] for i in real])
-            rows = [h[:n] for h, n in zip(hidden, mask.sum(1).tolist())]
+            rows = self.caption_llm.features([self.captions[i] for i in real], model=self.encoder.llm)
         rows = iter(rows)
-        null_row = torch.zeros(1, self.encoder.llm_hidden_size)
+        null_row = torch.zeros(1, self.caption_llm.hidden_size)
         rows = [next(rows) if i >= 0 else null_row for i in ids]
         lengths = torch.tensor([len(row) for row in rows], device=device)
         features = nn.utils.rnn.pad_sequence([row.to(device, torch.float32) for row in rows], batch_first=True)

@@ -93,3 +93,27 @@ def tiny_llm_path(tmp_path_factory):
         model = LlamaModel(config)
     model.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture
+def llm_loads(monkeypatch):
+    """Counts what happens to LLM weights from now on: `loads` (calls of transformers' AutoModel.from_pretrained,
+    the only way the code loads LLM weights), `calls` (forward calls of the loaded models) and `models` (weak
+    references to them: dead once the weights are released)."""
+    import types
+    import weakref
+
+    from transformers import AutoModel
+
+    record = types.SimpleNamespace(loads=[], calls=[], models=[])
+    load = AutoModel.from_pretrained
+
+    def counting(*args, **kwargs):
+        model = load(*args, **kwargs)
+        record.loads.append({"dtype": next(model.parameters()).dtype, "device": next(model.parameters()).device})
+        model.register_forward_hook(lambda *_: record.calls.append(1))
+        record.models.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(AutoModel, "from_pretrained", counting)
+    return record

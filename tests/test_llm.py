@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from text_conditioning import LLMTextEncoder
+from text_conditioning import CaptionLLM
 from util.llm import check_llm_folder, find_smollm2_gguf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,7 +67,7 @@ def test_check_llm_folder(tiny_llm_path, tmp_path):
         check_llm_folder(str(empty))
     # what --llm_model_name reaches: the text encoder checks before transformers' multi-line tokenizer traceback
     with pytest.raises(SystemExit, match=f"--llm_model_name {no_tokenizer}: the folder has no tokenizer"):
-        LLMTextEncoder(str(no_tokenizer), hidden_size=8)
+        CaptionLLM(str(no_tokenizer))
 
 
 def test_cli_without_package_or_file(tmp_path):

@@ -69,14 +69,16 @@ def test_published_text_variant_builds_with_the_same_network(name, tiny_llm_path
     class table: same blocks, and the parameter count differs exactly by the label table and the text projection."""
     import functools
 
-    from text_conditioning import LLMTextEncoder, TextEmbedder
+    from text_conditioning import CaptionLLM, TextEmbedder, TextProjection
     assert name in JiT_models, f"{name} is no longer registered"
     base = name[: -len("-Text")]
     depth, D, patch = SPEC_CONFIGS[base][0], SPEC_CONFIGS[base][1], SPEC_CONFIGS[base][5]
     img = 256 if patch == 16 else 512
-    encoder = LLMTextEncoder(tiny_llm_path, hidden_size=D)  # a tiny LLM (width 32) stands in for llm-jp
+    caption_llm = CaptionLLM(tiny_llm_path)  # a tiny LLM (width 32) stands in for llm-jp
+    encoder = TextProjection(caption_llm, hidden_size=D)
     with torch.device("meta"):
-        net = JiT_models[name](input_size=img, num_classes=1000, y_embedder=functools.partial(TextEmbedder, encoder))
+        net = JiT_models[name](input_size=img, num_classes=1000,
+                               y_embedder=functools.partial(TextEmbedder, caption_llm, encoder))
     assert isinstance(net.y_embedder, TextEmbedder) and len(net.blocks) == depth
     assert not any(k.startswith("y_embedder.embedding_table") for k in net.state_dict())
     count = SPEC_CONFIGS[base][7]

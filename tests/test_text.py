@@ -1,4 +1,4 @@
-"""Text conditioning: LLMTextEncoder (text_conditioning.py), the caption store (util/text_store.py),
+"""Text conditioning: CaptionLLM and TextProjection (text_conditioning.py), the caption store (util/text_store.py),
 text_image_dataset.py.
 
 Runs offline: a tiny random Llama built locally (tiny_llm_path in conftest.py), and real pretrained weights from the
@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torchvision.transforms import PILToTensor
 
 from model_jit import JiT_models
-from text_conditioning import LLMTextEncoder
+from text_conditioning import CaptionLLM, TextEmbedder, TextProjection
 from text_image_dataset import ImageNetWithCaptions, TextImageDataset, imagenet_class_names
 from util.llm import convert_gguf, find_smollm2_gguf
 from util.text_store import build_store, store_folder
@@ -27,52 +27,58 @@ def embed_captions(encoder, captions, root, batch_size=64, progress=False):
     """(len(captions), width) float32 rows read back from the caption store under root (pooled mode: one row each)."""
     store = build_store(encoder, captions, root, batch_size=batch_size, progress=progress)
     rows = store.read(store.locate(captions))
-    return torch.cat(rows).float() if rows else torch.empty(0, encoder.llm_hidden_size)
+    return torch.cat(rows).float() if rows else torch.empty(0, encoder.hidden_size)
 
 JA_CAPTIONS = ["犬の写真", "一匹の黒い猫が窓辺で眠っている", "赤いりんごの写真", "富士山"]
 
 
-def count_llm_calls(encoder):
-    calls = []
-    encoder.llm.register_forward_hook(lambda module, args, kwargs, out: calls.append(1), with_kwargs=True)
-    return calls
-
-
-# ================================================================== LLMTextEncoder
+# ================================================================== CaptionLLM, TextProjection
 def test_pooled_features_shape_dtype(tiny_llm_path):
-    enc = LLMTextEncoder(tiny_llm_path, hidden_size=48)
-    pooled = enc.pooled_features(JA_CAPTIONS)
+    enc = CaptionLLM(tiny_llm_path)
+    assert enc.model is None and enc.hidden_size == 32  # the config gives the width, no weights needed
+    with enc.loaded("cpu") as llm:
+        pooled = enc.pooled_features(JA_CAPTIONS)
+        assert llm.dtype == torch.float32 and enc.model is llm
+        with pytest.raises(TypeError):
+            enc.pooled_features("犬の写真")  # a bare string would be iterated character by character
+    assert enc.model is None
+    with pytest.raises(RuntimeError, match="not loaded"):
+        enc.pooled_features(JA_CAPTIONS)
     assert pooled.shape == (4, 32) and pooled.dtype == torch.float32
     assert torch.isfinite(pooled).all()
-    assert enc(pooled).shape == (4, 48)
-    assert enc.llm_compute_dtype == torch.float32 and enc.llm.dtype == torch.float32
-    with pytest.raises(TypeError):
-        enc.pooled_features("犬の写真")  # a bare string would be iterated character by character
+    assert TextProjection(enc, 48)(pooled).shape == (4, 48)
+    assert enc.compute_dtype("cpu") == torch.float32 and enc.compute_dtype("cuda") == torch.bfloat16
 
 
 def test_masked_mean_matches_hand_computation(tiny_llm_path):
-    enc = LLMTextEncoder(tiny_llm_path, hidden_size=8)
-    pooled = enc.pooled_features(JA_CAPTIONS)
+    enc = CaptionLLM(tiny_llm_path)
+    with enc.loaded("cpu") as model:
+        pooled = enc.pooled_features(JA_CAPTIONS)
+        check_masked_mean(enc, model, pooled)
+
+
+def check_masked_mean(enc, model, pooled):
     batch = enc.tokenizer(JA_CAPTIONS, padding=True, return_tensors="pt")
     lengths = batch["attention_mask"].sum(1)
     assert len(set(lengths.tolist())) > 1, "captions of different token lengths are needed to exercise the mask"
     assert enc.tokenizer.padding_side == "right"
     with torch.no_grad():
-        hidden = enc.llm(**batch).last_hidden_state
+        hidden = model(**batch).last_hidden_state
     for i, n in enumerate(lengths.tolist()):
         assert batch["attention_mask"][i, :n].all() and not batch["attention_mask"][i, n:].any()
         torch.testing.assert_close(pooled[i], hidden[i, :n].mean(0), rtol=1e-6, atol=1e-6)
         # alone, without padding: padding must not leak into the real tokens
         with torch.no_grad():
-            alone = enc.llm(input_ids=batch["input_ids"][i:i + 1, :n]).last_hidden_state[0].mean(0)
+            alone = model(input_ids=batch["input_ids"][i:i + 1, :n]).last_hidden_state[0].mean(0)
         torch.testing.assert_close(pooled[i], alone, rtol=1e-5, atol=1e-5)
 
 
 def test_truncation_to_max_text_len(tiny_llm_path):
-    enc = LLMTextEncoder(tiny_llm_path, hidden_size=8, max_text_len=5)
+    enc = CaptionLLM(tiny_llm_path, max_text_len=5)
     long = "一匹の黒い猫が窓辺で眠っている" * 10
     assert enc.tokenize([long])["input_ids"].shape[1] == 5
-    assert enc.pooled_features([long]).shape == (1, 32)
+    with enc.loaded("cpu"):
+        assert enc.pooled_features([long]).shape == (1, 32)
 
 
 def test_tokenizer_without_pad_uses_eos(tiny_llm_path, tmp_path):
@@ -84,102 +90,117 @@ def test_tokenizer_without_pad_uses_eos(tiny_llm_path, tmp_path):
             data = json.loads(file.read_text())
             data.pop("pad_token", None)
             file.write_text(json.dumps(data))
-    enc = LLMTextEncoder(str(folder), hidden_size=8)
+    enc = CaptionLLM(str(folder))
     assert enc.tokenizer.pad_token == enc.tokenizer.eos_token == "</s>"
-    pooled = enc.pooled_features(["犬", "一匹の黒い猫が窓辺で眠っている"])
+    with enc.loaded("cpu"):
+        pooled = enc.pooled_features(["犬", "一匹の黒い猫が窓辺で眠っている"])
     assert torch.isfinite(pooled).all()
 
 
 def test_llm_weights_untouched_and_frozen(tiny_llm_path):
     reference = load_file(os.path.join(tiny_llm_path, "model.safetensors"))
-    enc = LLMTextEncoder(tiny_llm_path, hidden_size=16)
-    state = enc.llm.state_dict()
-    assert reference.keys() <= state.keys()
-    for key, value in reference.items():
-        assert torch.equal(state[key], value), key
-    assert not any(p.requires_grad for p in enc.llm.parameters()) and not enc.llm.training
-    enc.train()
-    assert enc.training and enc.proj.training and not enc.llm.training
-    optimizer = torch.optim.SGD(enc.parameters(), lr=1.0)  # what training hands to its optimizer
-    proj_before = enc.proj.weight.detach().clone()
-    loss = enc(enc.pooled_features(JA_CAPTIONS)).square().sum()
-    loss.backward()
-    optimizer.step()
-    assert enc.proj.weight.grad is not None and not torch.equal(enc.proj.weight, proj_before)  # the step happened
-    assert all(p.grad is None for p in enc.llm.parameters())
-    for key, value in reference.items():
-        assert torch.equal(enc.llm.state_dict()[key], value), key
+    enc = CaptionLLM(tiny_llm_path)
+    proj = TextProjection(enc, hidden_size=16)
+    optimizer = torch.optim.SGD(proj.parameters(), lr=1.0)  # what training hands to its optimizer
+    proj_before = proj.proj.weight.detach().clone()
+    with enc.loaded("cpu") as llm:
+        state = llm.state_dict()
+        assert reference.keys() <= state.keys()
+        for key, value in reference.items():
+            assert torch.equal(state[key], value), key
+        assert not any(p.requires_grad for p in llm.parameters()) and not llm.training
+        loss = proj(enc.pooled_features(JA_CAPTIONS)).square().sum()
+        loss.backward()
+        optimizer.step()
+        assert all(p.grad is None for p in llm.parameters())
+        for key, value in reference.items():
+            assert torch.equal(llm.state_dict()[key], value), key
+    assert proj.proj.weight.grad is not None and not torch.equal(proj.proj.weight, proj_before)  # the step happened
 
 
-def test_state_dict_frozen_vs_trainable(tiny_llm_path, tmp_path):
-    frozen = LLMTextEncoder(tiny_llm_path, hidden_size=16)
+def test_state_dict_frozen_vs_trainable(tiny_llm_path, llm_loads):
+    enc = CaptionLLM(tiny_llm_path)
+    frozen = TextProjection(enc, hidden_size=16)
     assert sorted(frozen.state_dict()) == ["proj.bias", "proj.weight"]
     assert [name for name, _ in frozen.named_parameters()] == ["proj.weight", "proj.bias"]
-    assert "llm" not in dict(frozen.named_children())
+    assert "llm" not in dict(frozen.named_children()) and not llm_loads.loads
     assert torch.equal(frozen.proj.bias, torch.zeros(16))
 
-    trainable = LLMTextEncoder(tiny_llm_path, hidden_size=16, freeze=False)
+    trainable = TextProjection(enc, hidden_size=16, freeze=False)
+    assert llm_loads.loads == [{"dtype": torch.float32, "device": torch.device("cpu")}]
     keys = set(trainable.state_dict())
     assert {"proj.weight", "proj.bias"} <= keys and any(k.startswith("llm.") for k in keys)
     assert all(p.requires_grad for p in trainable.llm.parameters())
-    trainable(trainable.pooled_features(JA_CAPTIONS[:2])).sum().backward()
+    trainable(enc.pooled_features(JA_CAPTIONS[:2], model=trainable.llm)).sum().backward()
     assert trainable.llm.get_input_embeddings().weight.grad is not None
-    with pytest.raises(ValueError, match="frozen"):
-        build_store(trainable, JA_CAPTIONS, tmp_path)
 
 
-def test_frozen_llm_follows_device_not_dtype(tiny_llm_path):
-    enc = LLMTextEncoder(tiny_llm_path, hidden_size=16)
-    parent = torch.nn.Sequential(enc)
-    parent.double()  # dtype casts of the parent leave the LLM's dtype policy alone
-    assert enc.proj.weight.dtype == torch.float64 and enc.llm.dtype == torch.float32
-    parent.to("meta")  # device moves reach the unregistered LLM (meta stands in for a GPU here)
-    assert enc.proj.weight.device.type == "meta" and enc.llm_device.type == "meta"
-    assert enc.llm.dtype == torch.float32
+def test_caption_llm_is_outside_the_module_tree(tiny_llm_path):
+    """The network's text embedder holds the CaptionLLM as a plain attribute: not in state_dict, parameters or
+    children, untouched by .to() and dtype casts of the network."""
+    import functools
+
+    enc = CaptionLLM(tiny_llm_path)
+    net = JiT_models["JiT-T/4"](input_size=16, num_classes=1,
+                                y_embedder=functools.partial(TextEmbedder, enc, TextProjection(enc, 192)))
+    assert net.y_embedder.caption_llm is enc
+    assert not any(k.startswith("y_embedder.caption_llm") for k in net.state_dict())
+    assert {name for name, _ in net.y_embedder.named_children()} == {"encoder"}
+    net.double()
+    net.to("meta")
+    assert net.y_embedder.encoder.proj.weight.device.type == "meta" and enc.model is None
 
 
-def test_deepcopy_shares_frozen_llm(tiny_llm_path):
-    enc = LLMTextEncoder(tiny_llm_path, hidden_size=16)
-    twin = copy.deepcopy(enc)
-    assert twin.llm is enc.llm  # an EMA copy made with deepcopy does not duplicate the LLM
-    assert twin.proj.weight is not enc.proj.weight
+def fingerprint_of_loaded_config(enc):
+    """The fingerprint as computed before CaptionLLM: from the config of the model AutoModel.from_pretrained loaded
+    (existing caption stores and checkpoints carry it), instead of AutoConfig's without weights."""
+    from transformers import AutoModel
+
+    twin = copy.copy(enc)
+    twin.config, twin._fingerprint = AutoModel.from_pretrained(enc.name_or_path, dtype=torch.float32).config, None
+    return twin.fingerprint()
 
 
-def test_fingerprint(tiny_llm_path):
-    a = LLMTextEncoder(tiny_llm_path, hidden_size=16)
-    b = LLMTextEncoder(tiny_llm_path, hidden_size=64)
-    c = LLMTextEncoder(tiny_llm_path, hidden_size=16, max_text_len=20)
-    assert a.fingerprint() == b.fingerprint()  # the projection size is not part of the LLM's identity
+def test_fingerprint(tiny_llm_path, llm_loads):
+    a = CaptionLLM(tiny_llm_path)
+    b = CaptionLLM(tiny_llm_path)
+    c = CaptionLLM(tiny_llm_path, max_text_len=20)
+    assert a.fingerprint() == b.fingerprint() and not llm_loads.loads  # no weights needed
+    assert a.fingerprint() == fingerprint_of_loaded_config(a)  # the same key as stores made with the weights loaded
     assert a.fingerprint() != c.fingerprint()
     assert tiny_llm_path in a.fingerprint() and len(a.fingerprint()) < len(tiny_llm_path) + 120
     assert store_folder(a, "/c") != store_folder(c, "/c")
-    tokens = LLMTextEncoder(tiny_llm_path, hidden_size=16, conditioning="tokens")
+    assert store_folder(a, "/c", "cpu") != store_folder(a, "/c", "cuda")  # bfloat16 features on a GPU
+    tokens = CaptionLLM(tiny_llm_path, conditioning="tokens")
     assert tokens.fingerprint() != a.fingerprint() and store_folder(tokens, "/c") != store_folder(a, "/c")
     assert a.fingerprint().endswith("|masked-mean-v1")  # the pooled fingerprint of existing -Text checkpoints
 
 
 def test_condition_drives_jit(tiny_llm_path):
     net = JiT_models["JiT-T/4"](input_size=16, num_classes=1)
-    enc = LLMTextEncoder(tiny_llm_path, hidden_size=192)
+    enc = CaptionLLM(tiny_llm_path)
     torch.nn.init.normal_(net.final_layer.linear.weight, std=0.02)
     torch.nn.init.normal_(net.final_layer.adaLN_modulation[-1].weight, std=0.02)
-    y_emb = enc(enc.pooled_features(["犬の写真", "猫の写真"]))
+    with enc.loaded("cpu"):
+        y_emb = TextProjection(enc, 192)(enc.pooled_features(["犬の写真", "猫の写真"]))
     x, t = torch.randn(1, 3, 16, 16).repeat(2, 1, 1, 1), torch.full((2,), 0.5)
     out = net.forward_with_cond_embedding(x, t, y_emb)
     assert out.shape == (2, 3, 16, 16) and not torch.equal(out[0], out[1])
 
 
 # ================================================================== caption store
-def test_store_equals_on_the_fly_and_is_reused(tiny_llm_path, tmp_path):
+def test_store_equals_on_the_fly_and_is_reused(tiny_llm_path, tmp_path, llm_loads):
     captions = JA_CAPTIONS + [JA_CAPTIONS[0]]  # a duplicate is embedded once
-    enc = LLMTextEncoder(tiny_llm_path, hidden_size=16)
-    calls = count_llm_calls(enc)
+    enc = CaptionLLM(tiny_llm_path)
+    calls = llm_loads.calls
     table = embed_captions(enc, captions, tmp_path, batch_size=1)
     assert table.shape == (5, 32) and table.dtype == torch.float32 and table.device.type == "cpu"
-    assert len(calls) == 4
+    assert len(calls) == 4 and len(llm_loads.loads) == 1
     assert torch.equal(table[0], table[4])
-    for i, caption in enumerate(captions):  # same batching (one caption at a time): the float16 rounding of it
-        assert torch.equal(table[i], enc.pooled_features([caption])[0].half().float())
+    with enc.loaded("cpu"):
+        for i, caption in enumerate(captions):  # same batching (one caption at a time): the float16 rounding of it
+            assert torch.equal(table[i], enc.pooled_features([caption])[0].half().float())
+    calls.clear()
     folder = store_folder(enc, tmp_path)
     assert os.listdir(tmp_path) == [os.path.basename(folder)]
     files = set(os.listdir(folder))
@@ -187,10 +208,10 @@ def test_store_equals_on_the_fly_and_is_reused(tiny_llm_path, tmp_path):
     assert files - shards == {"index.json", "store.json"} and len(shards) == 1
 
     # a new run (new encoder instance): everything from the store, no LLM call
-    enc2 = LLMTextEncoder(tiny_llm_path, hidden_size=16)
-    calls2 = count_llm_calls(enc2)
+    enc2 = CaptionLLM(tiny_llm_path)
+    calls2 = calls
     again = embed_captions(enc2, list(reversed(captions)), tmp_path, batch_size=1)
-    assert len(calls2) == 0
+    assert len(calls2) == 0 and len(llm_loads.loads) == 2  # no weights loaded for a store that has every caption
     assert torch.equal(again, table.flip(0))
 
     # only the missing captions go through the LLM
@@ -201,29 +222,31 @@ def test_store_equals_on_the_fly_and_is_reused(tiny_llm_path, tmp_path):
 
 
 def test_store_batching(tiny_llm_path, tmp_path):
-    enc = LLMTextEncoder(tiny_llm_path, hidden_size=16)
+    enc = CaptionLLM(tiny_llm_path)
     whole = embed_captions(enc, JA_CAPTIONS, tmp_path / "a", batch_size=len(JA_CAPTIONS))
-    assert torch.equal(whole, enc.pooled_features(JA_CAPTIONS).half().float())  # same batch: bit-identical
+    with enc.loaded("cpu"):
+        assert torch.equal(whole, enc.pooled_features(JA_CAPTIONS).half().float())  # same batch: bit-identical
     chunked = embed_captions(enc, JA_CAPTIONS, tmp_path / "b", batch_size=3)
     # different padding / batch shapes: equal up to float rounding of the LLM's kernels (and float16 storage)
     torch.testing.assert_close(chunked, whole, rtol=2e-3, atol=1e-5)
     assert embed_captions(enc, [], tmp_path / "a").shape == (0, 32)
 
 
-def test_store_keyed_by_fingerprint(tiny_llm_path, tmp_path):
-    short = LLMTextEncoder(tiny_llm_path, hidden_size=16, max_text_len=3)
-    long = LLMTextEncoder(tiny_llm_path, hidden_size=16)
+def test_store_keyed_by_fingerprint(tiny_llm_path, tmp_path, llm_loads):
+    short = CaptionLLM(tiny_llm_path, max_text_len=3)
+    long = CaptionLLM(tiny_llm_path)
     caption = ["一匹の黒い猫が窓辺で眠っている"]
     a = embed_captions(short, caption, tmp_path)
-    calls = count_llm_calls(long)
+    calls = llm_loads.calls
+    calls.clear()
     b = embed_captions(long, caption, tmp_path)
     assert len(calls) == 1 and not torch.equal(a, b)
     assert len(os.listdir(tmp_path)) == 2
 
 
 def test_store_of_another_llm_is_refused_naming_the_folder(tiny_llm_path, tmp_path):
-    short = LLMTextEncoder(tiny_llm_path, hidden_size=16, max_text_len=3)
-    long = LLMTextEncoder(tiny_llm_path, hidden_size=16)
+    short = CaptionLLM(tiny_llm_path, max_text_len=3)
+    long = CaptionLLM(tiny_llm_path)
     build_store(short, JA_CAPTIONS, tmp_path / "short", progress=False)
     # a store folder copied (or renamed) to where another encoder's store lives
     theirs = store_folder(long, tmp_path / "long")
@@ -238,7 +261,7 @@ def test_store_of_another_llm_is_refused_naming_the_folder(tiny_llm_path, tmp_pa
 
 def test_store_build_resumes_after_a_kill(tiny_llm_path, tmp_path, monkeypatch):
     captions = [f"犬の写真{i}" for i in range(40)]
-    enc = LLMTextEncoder(tiny_llm_path, hidden_size=16, conditioning="tokens")
+    enc = CaptionLLM(tiny_llm_path, conditioning="tokens")
     features = enc.features
     batches = []
 
@@ -264,7 +287,8 @@ def test_store_build_resumes_after_a_kill(tiny_llm_path, tmp_path, monkeypatch):
     for name, data in first_run.items():  # completed shards kept as they were
         assert open(os.path.join(folder, name), "rb").read() == data
     rows = store.read(store.locate(captions))
-    expected = [f.half() for f in features(captions[:8])]  # the first batch, embedded the same way
+    with enc.loaded("cpu"):
+        expected = [f.half() for f in features(captions[:8])]  # the first batch, embedded the same way
     assert all(torch.equal(r, e) for r, e in zip(rows[:8], expected))
 
 
@@ -272,7 +296,7 @@ def test_store_build_is_split_across_ranks(tiny_llm_path, tmp_path, monkeypatch)
     """Each rank embeds captions[rank::world_size] of the missing ones; rank 0 merges the index."""
     import util.misc
     captions = [f"a photo of a cat {i}" for i in range(10)]
-    enc = LLMTextEncoder(tiny_llm_path, hidden_size=16)
+    enc = CaptionLLM(tiny_llm_path)
     seen = []
     features = enc.features
     monkeypatch.setattr(enc, "features", lambda chunk: seen.append(list(chunk)) or features(chunk))
@@ -289,17 +313,17 @@ def test_store_build_is_split_across_ranks(tiny_llm_path, tmp_path, monkeypatch)
     assert sum((shard["captions"] for shard in index["shards"]), []) == captions[0::2]
 
 
-def test_store_migrates_the_single_file_cache(tiny_llm_path, tmp_path):
+def test_store_migrates_the_single_file_cache(tiny_llm_path, tmp_path, llm_loads):
     """A cache file of the earlier single-file format (text_features_<key>.pt, float32 pooled rows) is taken over
     without running the LLM, and renamed so it is never read again."""
     import hashlib
-    enc = LLMTextEncoder(tiny_llm_path, hidden_size=16)
-    key = f"{enc.fingerprint()}|{enc.llm_compute_dtype}|v1"
+    enc = CaptionLLM(tiny_llm_path)
+    key = f"{enc.fingerprint()}|{enc.compute_dtype('cpu')}|v1"
     legacy = tmp_path / f"text_features_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
     old_rows = torch.randn(2, 32)
-    torch.save({"version": 1, "fingerprint": enc.fingerprint(), "compute_dtype": str(enc.llm_compute_dtype),
+    torch.save({"version": 1, "fingerprint": enc.fingerprint(), "compute_dtype": str(enc.compute_dtype("cpu")),
                 "captions": JA_CAPTIONS[:2], "features": old_rows}, legacy)
-    calls = count_llm_calls(enc)
+    calls = llm_loads.calls
     table = embed_captions(enc, JA_CAPTIONS, tmp_path)
     assert len(calls) == 1  # the two captions that were not in the old cache, in one batch
     assert torch.equal(table[:2], old_rows.half().float())
@@ -307,10 +331,11 @@ def test_store_migrates_the_single_file_cache(tiny_llm_path, tmp_path):
 
 
 def test_tokens_store_holds_every_real_token(tiny_llm_path, tmp_path):
-    enc = LLMTextEncoder(tiny_llm_path, hidden_size=16, conditioning="tokens")
+    enc = CaptionLLM(tiny_llm_path, conditioning="tokens")
     store = build_store(enc, JA_CAPTIONS, tmp_path, batch_size=len(JA_CAPTIONS), progress=False)
     rows = store.read(store.locate(JA_CAPTIONS))
-    hidden, mask = enc.last_hidden_states(JA_CAPTIONS)
+    with enc.loaded("cpu"):
+        hidden, mask = enc.last_hidden_states(JA_CAPTIONS)
     lengths = mask.sum(1).tolist()
     assert len(set(lengths)) > 1 and [len(r) for r in rows] == lengths
     for row, h, n in zip(rows, hidden, lengths):
@@ -333,7 +358,7 @@ def test_store_of_100k_captions_keeps_memory_bounded(tiny_llm_path, tmp_path):
     import psutil
 
     captions = [f"a photo of a cat {i}" for i in range(100_000)]
-    enc = LLMTextEncoder(tiny_llm_path, hidden_size=16, conditioning="tokens")
+    enc = CaptionLLM(tiny_llm_path, conditioning="tokens")
     process = psutil.Process()
 
     def anon_rss():
@@ -507,26 +532,27 @@ def smollm2_path(request, tmp_path_factory):
 
 @pytest.mark.slow
 def test_real_llm_japanese_captions(smollm2_path, tmp_path):
-    enc = LLMTextEncoder(smollm2_path, hidden_size=64)
-    assert enc.llm_hidden_size == 576
-    dog, cat, dog_again = enc.pooled_features(["犬の写真", "猫の写真", "犬の写真"])
-    assert torch.isfinite(dog).all()
-    assert not torch.allclose(dog, cat, rtol=1e-3, atol=1e-3)
-    assert torch.equal(dog, dog_again)
-    # batched with a longer caption (padding in its row): still the mean over its own tokens only
-    alone = enc.pooled_features(["犬の写真"])[0]
-    batch = enc.tokenize(["犬の写真", "一匹の黒い猫が窓辺で眠っている"])
-    assert batch["attention_mask"][0].sum() < batch["attention_mask"][1].sum()
-    padded = enc.pooled_features(["犬の写真", "一匹の黒い猫が窓辺で眠っている"])[0]
-    torch.testing.assert_close(padded, alone, rtol=1e-4, atol=1e-4)
-    hidden, _ = enc.last_hidden_states(["犬の写真", "一匹の黒い猫が窓辺で眠っている"])
-    assert not torch.allclose(hidden[0].mean(0), alone, rtol=1e-3, atol=1e-3)  # the unmasked mean would differ
-
+    enc = CaptionLLM(smollm2_path)
+    assert enc.hidden_size == 576
+    assert enc.fingerprint() == fingerprint_of_loaded_config(enc)  # existing stores of a real LLM keep their key
     # the dataset strips the trailing whitespace of the caption file: same features as the clean caption
     root = make_text_image_root(tmp_path / "ds", {"x.png": "犬の写真  \n"})
     ds = TextImageDataset(root)
     assert ds.captions == ["犬の写真"]
     table = embed_captions(enc, ds.captions, tmp_path / "cache", batch_size=1, progress=False)
-    assert torch.equal(table[0], enc.pooled_features(["犬の写真"])[0].half().float())  # stored in float16
-    unstripped = enc.pooled_features(["犬の写真  "])[0]  # the whitespace would be a token of its own
+    with enc.loaded("cpu"):
+        dog, cat, dog_again = enc.pooled_features(["犬の写真", "猫の写真", "犬の写真"])
+        assert torch.isfinite(dog).all()
+        assert not torch.allclose(dog, cat, rtol=1e-3, atol=1e-3)
+        assert torch.equal(dog, dog_again)
+        # batched with a longer caption (padding in its row): still the mean over its own tokens only
+        alone = enc.pooled_features(["犬の写真"])[0]
+        batch = enc.tokenize(["犬の写真", "一匹の黒い猫が窓辺で眠っている"])
+        assert batch["attention_mask"][0].sum() < batch["attention_mask"][1].sum()
+        padded = enc.pooled_features(["犬の写真", "一匹の黒い猫が窓辺で眠っている"])[0]
+        torch.testing.assert_close(padded, alone, rtol=1e-4, atol=1e-4)
+        hidden, _ = enc.last_hidden_states(["犬の写真", "一匹の黒い猫が窓辺で眠っている"])
+        assert not torch.allclose(hidden[0].mean(0), alone, rtol=1e-3, atol=1e-3)  # the unmasked mean would differ
+        assert torch.equal(table[0], alone.half().float())  # stored in float16
+        unstripped = enc.pooled_features(["犬の写真  "])[0]  # the whitespace would be a token of its own
     assert not torch.equal(unstripped, table[0])

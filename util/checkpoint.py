@@ -43,12 +43,12 @@ def check_state_dict(expected, given, source):
 
 
 def text_encoder_of(denoiser):
-    """The LLMTextEncoder of a -Text model, else None."""
-    return getattr(denoiser.net.y_embedder, "encoder", None)
+    """The CaptionLLM of a -Text model (text_conditioning.py), else None."""
+    return getattr(denoiser.net.y_embedder, "caption_llm", None)
 
 
 def check_text_encoder(denoiser, saved_fingerprint, path):
-    """A -Text checkpoint records its LLM (LLMTextEncoder.fingerprint); loading it with another LLM, tokenizer
+    """A -Text checkpoint records its LLM (CaptionLLM.fingerprint); loading it with another LLM, tokenizer
     or max_text_len is an error. The hub name / folder is not compared, so a local copy of the same LLM loads."""
     encoder = text_encoder_of(denoiser)
     if encoder is None or saved_fingerprint is None:

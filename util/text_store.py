@@ -1,7 +1,7 @@
 """Caption feature store: the frozen LLM's features of every distinct caption, on disk, read per batch.
 
 A caption's features never change while the LLM is frozen, so each distinct caption goes through the LLM once, ever.
-A store is one folder per (encoder fingerprint: LLM, tokenizer, max_text_len, features kept; LLM compute dtype):
+A store is one folder per (CaptionLLM fingerprint: LLM, tokenizer, max_text_len, features kept; LLM compute dtype):
 
     store.json                      what the store holds (fingerprint, compute dtype, width); checked on open
     shard-<writer>-<n>.safetensors  `features` (rows, width) float16 and `offsets` (captions + 1,) int64: caption k
@@ -14,7 +14,8 @@ Nothing holds the whole table: the shards are memory-mapped by safetensors and a
 keeps the caption -> location map and, while building, at most one shard (shard_bytes) of new rows.
 
 Building (build_store) is split across ranks: each embeds its share of the captions missing from the store into its
-own shards; rank 0 then merges the index. A shard is written atomically (temporary file + rename) once full, so a
+own shards; rank 0 then merges the index. Only a rank with captions to embed loads the LLM's weights, and only for
+as long as it embeds them (CaptionLLM.loaded): opening and checking a store needs the tokenizer and config alone. A shard is written atomically (temporary file + rename) once full, so a
 killed build keeps its completed shards and a rerun embeds only what is still missing.
 
 Exactness: a row read from the store is bit for bit the row written, whoever reads it, so training and sampling see
@@ -45,15 +46,17 @@ def default_root():
     return os.path.join(misc.cache_dir(), "text_features")
 
 
-def store_key(encoder):
-    return f"{encoder.fingerprint()}|{encoder.llm_compute_dtype}|store-v{STORE_VERSION}"
+def store_key(llm, device):
+    """What a store is of: the CaptionLLM's fingerprint and the dtype its features are computed in on `device`."""
+    return f"{llm.fingerprint()}|{llm.compute_dtype(device)}|store-v{STORE_VERSION}"
 
 
-def store_folder(encoder, root):
-    """The store of `encoder` under root: <LLM folder name>-<conditioning>-len<max_text_len>-<hash of the key>."""
-    name = os.path.basename(encoder.llm_name_or_path.rstrip("/\\")) or "llm"
-    digest = hashlib.sha256(store_key(encoder).encode()).hexdigest()[:12]
-    return os.path.join(root, f"{name}-{encoder.conditioning}-len{encoder.max_text_len}-{digest}")
+def store_folder(llm, root, device="cpu"):
+    """The store of `llm` (a CaptionLLM embedding on `device`) under root:
+    <LLM folder name>-<conditioning>-len<max_text_len>-<hash of the key>."""
+    name = os.path.basename(llm.name_or_path.rstrip("/\\")) or "llm"
+    digest = hashlib.sha256(store_key(llm, device).encode()).hexdigest()[:12]
+    return os.path.join(root, f"{name}-{llm.conditioning}-len{llm.max_text_len}-{digest}")
 
 
 def _atomic_write_json(path, data):
@@ -64,13 +67,14 @@ def _atomic_write_json(path, data):
 
 
 class CaptionStore:
-    """One store folder (see the module docstring). Opening it checks that it holds the features of `encoder`."""
+    """One store folder (see the module docstring). Opening it checks that it holds the features of `llm` (a
+    CaptionLLM) computed on `device`."""
 
-    def __init__(self, folder, encoder):
+    def __init__(self, folder, llm, device="cpu"):
         self.folder = str(folder)
-        self.width = encoder.llm_hidden_size
-        self.meta = {"version": STORE_VERSION, "fingerprint": encoder.fingerprint(),
-                     "compute_dtype": str(encoder.llm_compute_dtype), "width": self.width}
+        self.width = llm.hidden_size
+        self.meta = {"version": STORE_VERSION, "fingerprint": llm.fingerprint(),
+                     "compute_dtype": str(llm.compute_dtype(device)), "width": self.width}
         meta_path = os.path.join(self.folder, "store.json")
         os.makedirs(self.folder, exist_ok=True)
         if not os.path.isfile(meta_path):
@@ -169,17 +173,17 @@ class CaptionStore:
         os.replace(tmp, path)
         self._add_shard(name, captions)
 
-    def embed(self, encoder, captions, batch_size=64, shard_bytes=SHARD_BYTES, progress=True):
-        """Run the LLM on `captions` (distinct, not yet stored) in batches; write a shard every shard_bytes."""
+    def embed(self, llm, captions, batch_size=64, shard_bytes=SHARD_BYTES, progress=True):
+        """Run the loaded LLM on `captions` (distinct, not yet stored) in batches; write a shard every shard_bytes."""
         pending_captions, pending_rows, pending_bytes = [], [], 0
         with tqdm(total=len(captions), desc="embedding captions", unit="caption", disable=not progress) as bar:
             for start in range(0, len(captions), batch_size):
                 chunk = captions[start:start + batch_size]
-                rows = encoder.features(chunk)
+                rows = llm.features(chunk)
                 lengths = [len(r) for r in rows]
-                batch = torch.cat(rows)  # one float16 block per batch: few, large allocations
+                batch = torch.cat(rows).cpu()  # one float16 block per batch: few, large allocations
                 if not torch.isfinite(batch).all() or batch.abs().max() > FLOAT16_MAX:
-                    raise ValueError(f"{encoder.llm_name_or_path}: features of the captions {chunk[:3]}... are not "
+                    raise ValueError(f"{llm.name_or_path}: features of the captions {chunk[:3]}... are not "
                                      f"finite in float16 (largest magnitude {batch.abs().max().item():.4g})")
                 batch = batch.to(torch.float16)
                 del rows
@@ -193,15 +197,15 @@ class CaptionStore:
         if pending_captions:
             self._write_shard(pending_captions, pending_rows)
 
-    def import_legacy_cache(self, encoder, root):
+    def import_legacy_cache(self, llm, root):
         """Rows of the single-file cache of earlier versions (<root>/text_features_<key>.pt, float32 pooled
         features), stored as a shard and the file renamed *.migrated, so they are not computed again."""
-        key = f"{encoder.fingerprint()}|{encoder.llm_compute_dtype}|v1"
+        key = f"{llm.fingerprint()}|{self.meta['compute_dtype']}|v1"
         path = os.path.join(root, f"text_features_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt")
-        if encoder.conditioning != "pooled" or not os.path.isfile(path):
+        if llm.conditioning != "pooled" or not os.path.isfile(path):
             return 0
         data = torch.load(path, map_location="cpu", weights_only=True)
-        if data.get("fingerprint") != encoder.fingerprint():
+        if data.get("fingerprint") != llm.fingerprint():
             return 0
         new = [(c, f) for c, f in zip(data["captions"], data["features"]) if c not in self._where]
         if new:
@@ -215,27 +219,27 @@ def _barrier():
         torch.distributed.barrier()
 
 
-def build_store(encoder, captions, root=None, batch_size=64, shard_bytes=SHARD_BYTES, progress=True):
-    """The CaptionStore of `encoder` under root (default_root()) holding every caption; the missing ones are embedded
-    first, split across the ranks of a torch.distributed group (every rank must call this)."""
-    if not getattr(encoder, "freeze", True):
-        raise ValueError("the caption store holds features of a frozen LLM only: a trainable LLM's would go stale")
+def build_store(llm, captions, root=None, device="cpu", batch_size=64, shard_bytes=SHARD_BYTES, progress=True):
+    """The CaptionStore of `llm` (a CaptionLLM, frozen) under root (default_root()) holding every caption; the missing
+    ones are embedded first on `device`, split across the ranks of a torch.distributed group (every rank must call
+    this). A rank loads the LLM's weights only if its share is not empty, and releases them before returning."""
     captions = list(captions)
     bad = [c for c in captions if not isinstance(c, str)]
     if bad:
         raise TypeError(f"captions must be strings, got {type(bad[0]).__name__}: {bad[0]!r}")
     root = default_root() if root is None else str(root)
-    store = CaptionStore(store_folder(encoder, root), encoder)
+    store = CaptionStore(store_folder(llm, root, device), llm, device)
     rank, world_size = misc.get_rank(), misc.get_world_size()
-    if rank == 0 and store.import_legacy_cache(encoder, root):
+    if rank == 0 and store.import_legacy_cache(llm, root):
         store.write_index()
     _barrier()
     store.refresh()
     missing = store.missing(captions)
     _barrier()  # every rank has its list of missing captions before any rank adds a shard (the shares must agree)
-    if missing:
-        share = missing[rank::world_size]
-        store.embed(encoder, share, batch_size=batch_size, shard_bytes=shard_bytes, progress=progress)
+    share = missing[rank::world_size]
+    if share:
+        with llm.loaded(device):
+            store.embed(llm, share, batch_size=batch_size, shard_bytes=shard_bytes, progress=progress)
     _barrier()
     if rank == 0 and (missing or store.unindexed):
         store.write_index()
