@@ -283,7 +283,7 @@ def test_training_and_sampling_read_the_same_rows(text_args, tmp_path):
         assert torch.equal(sample_rows[0, :n3], train_rows[0, :n3]) and torch.equal(sample_rows[1, :n1], train_rows[2, :n1])
 
 
-def test_main_trains_a_tokens_model_and_sample_py_rebuilds_it(caption_folder, tiny_llm_path, tmp_path):
+def test_main_trains_a_tokens_model_and_sample_py_rebuilds_it(caption_folder, tiny_llm_path, tmp_path, llm_loads):
     import sample
     out = tmp_path / "out"
     env = dict(os.environ, JIT_CACHE_DIR=str(tmp_path / "cache"))
@@ -298,7 +298,12 @@ def test_main_trains_a_tokens_model_and_sample_py_rebuilds_it(caption_folder, ti
     ckpt = read_checkpoint(out / "checkpoint-last.pth")
     assert "net.y_embedder.token_proj.weight" in ckpt["model"] and ckpt["args"].text_conditioning == "tokens"
     grid = tmp_path / "grid.png"
-    sample.main(["--checkpoint", str(out), "--prompts", CAPTIONS[0], "a red circle", "--per_class", "1",
-                 "--num_sampling_steps", "2", "--cfg", "2.0", "--device", "cpu", "--precision", "fp32",
-                 "--text_cache_dir", str(tmp_path / "cache" / "text_features"), "--out", str(grid)])
+    argv = ["--checkpoint", str(out), "--prompts", CAPTIONS[0], "a red circle", "--per_class", "1",
+            "--num_sampling_steps", "2", "--cfg", "2.0", "--device", "cpu", "--precision", "fp32",
+            "--text_cache_dir", str(tmp_path / "cache" / "text_features"), "--out", str(grid)]
+    sample.main(argv)
     assert Image.open(grid).size == (34 + 2, 2 * 34 + 2)
+    # the LLM was loaded for the one prompt training had not stored, then released
+    assert len(llm_loads.loads) == 1 and len(llm_loads.calls) == 1 and llm_loads.models[0]() is None
+    sample.main(argv)  # both prompts stored now: no LLM weights loaded at all
+    assert len(llm_loads.loads) == 1

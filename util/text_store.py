@@ -15,8 +15,9 @@ keeps the caption -> location map and, while building, at most one shard (shard_
 
 Building (build_store) is split across ranks: each embeds its share of the captions missing from the store into its
 own shards; rank 0 then merges the index. Only a rank with captions to embed loads the LLM's weights, and only for
-as long as it embeds them (CaptionLLM.loaded): opening and checking a store needs the tokenizer and config alone. A shard is written atomically (temporary file + rename) once full, so a
-killed build keeps its completed shards and a rerun embeds only what is still missing.
+as long as it embeds them (CaptionLLM.loaded): opening and checking a store needs the tokenizer and config alone.
+A shard is written atomically (temporary file + rename) once full, so a killed build keeps its completed shards and
+a rerun embeds only what is still missing.
 
 Exactness: a row read from the store is bit for bit the row written, whoever reads it, so training and sampling see
 the same features for a caption as long as both go through the store (sample.py and evaluation prompts do). The LLM
