@@ -61,6 +61,24 @@ def test_text_model_keys_and_no_llm_in_the_network(text_args, tiny_llm_path, llm
     assert sum(t.numel() for t in model.ema_params[0]) == sum(t.numel() for t in model.ema_params[1]) == jit_numel
 
 
+@pytest.mark.parametrize("mode, qkv_sumsq, rand_after", [
+    ("pooled", 287.7427375333567, [0.5712339878082275, 0.3199480175971985, 0.653168261051178]),
+    ("tokens", 288.3608444611483, [0.4455164670944214, 0.3748289942741394, 0.5343579053878784])])
+def test_text_init_for_a_seed_is_unchanged(text_args, mode, qkv_sumsq, rand_after):
+    """Seed 0 gives a -Text Denoiser the weights the code before CaptionLLM gave it (the frozen LLM was then loaded
+    at construction): sums of squares and the next draws measured with that code and this tiny LLM (width 32)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Denoiser(text_args("--text_conditioning", mode))
+        assert torch.rand(3).tolist() == rand_after
+    sumsq = {k: v.double().square().sum().item() for k, v in model.state_dict().items()}
+    assert sumsq["net.y_embedder.encoder.proj.weight"] == pytest.approx(55.127323900913126, rel=1e-9)
+    assert sumsq["net.y_embedder.null_embedding"] == pytest.approx(0.07187618141298827, rel=1e-9)
+    assert sumsq["net.blocks.0.attn.qkv.weight"] == pytest.approx(qkv_sumsq, rel=1e-9)
+    if mode == "tokens":
+        assert sumsq["net.y_embedder.token_proj.weight"] == pytest.approx(55.768792999045885, rel=1e-9)
+
+
 def test_condition_is_projected_cached_features_and_null_is_learned(text_args):
     model = with_captions(Denoiser(text_args()))
     embedder = model.net.y_embedder
