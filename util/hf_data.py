@@ -98,7 +98,9 @@ def pick_column(features, where, flag, given, what, *rules):
 
 
 class ImageColumn:
-    """The image column of a split, read as stored (Image(decode=False)): {"bytes", "path"} per row."""
+    """The image column of a split, read as stored (Image(decode=False)): {"bytes", "path"} per row, from the Arrow
+    column itself: the library's per-row formatting costs ~25 us, 15% of the loading of a 32 px PNG. Row i of a split
+    is entry i of its table: load_dataset and load_from_disk return splits without an indices mapping."""
 
     def __init__(self, dataset, column, where):
         import datasets
@@ -108,9 +110,15 @@ class ImageColumn:
             raise ValueError(f"{where}: column {column!r} ({dataset.features[column]}) does not hold images "
                              f"({type(e).__name__}: {first_line(e)}); pass --hf_image_column") from None
         self.column, self.where = column, where
+        self.storage = None  # the Arrow column, taken in each process (a pickled one would be copied)
+
+    def __getstate__(self):
+        return dict(self.__dict__, storage=None)
 
     def load(self, index):
-        stored = self.rows[index][self.column]
+        if self.storage is None:
+            self.storage = self.rows.data.column(self.column)
+        stored = self.storage[index].as_py()
         if stored is None:
             raise ValueError("no image in this row")
         if stored["bytes"] is None:  # data sets built from local files may store only the path
