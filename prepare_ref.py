@@ -29,7 +29,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 
 def get_args_parser():
     parser = argparse.ArgumentParser("JiT FID reference", description=__doc__.split("\n")[0])
-    parser.add_argument("--data_path", default="./data/imagenet", help="ImageFolder root or a folder of images")
+    parser.add_argument("--data_path", default="./data/imagenet",
+                        help="ImageFolder root, a folder of images, prepare_data.py shards, or a Hugging Face data set "
+                             "(hf:<Hub name>, a save_to_disk folder or a folder of parquet files)")
     parser.add_argument("--img_size", default=256, type=int, help="side of the center crop")
     parser.add_argument("--hf_split", default="train", help="split of a Hugging Face --data_path")
     parser.add_argument("--hf_image_column", default=None, help="image column (default: the one Image feature)")

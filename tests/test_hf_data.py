@@ -10,6 +10,8 @@ import sys
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -186,6 +188,20 @@ def test_column_detection(tmp_path):
         f"--data_path {two} split train: no column 'Fine' (--hf_label_column); columns: img, fine, coarse, en, ja")
     assert one_line_error(loader_args(two, "--hf_caption_column", "en")) == (
         "--hf_caption_column en: class models use --hf_label_column")
+    assert one_line_error(loader_args(two, "--hf_label_column", "en")) == (
+        f"--data_path {two} split train: column 'en' (--hf_label_column) holds Value('string'), not a class label")
+    assert one_line_error(loader_args(two, "--hf_caption_column", "fine"), text=True) == (
+        f"--data_path {two} split train: column 'fine' (--hf_caption_column) holds ClassLabel(names=['0', '1', '2']), "
+        f"not a caption")
+
+    plain = tmp_path / "plain"  # parquet written by another tool: no Hugging Face features, images as structs
+    os.makedirs(plain)
+    pq.write_table(pa.table({"picture": [png(i) for i in range(3)], "label": [2, 0, 1]}), plain / "part.parquet")
+    assert one_line_error(loader_args(plain)) == (
+        f"--data_path {plain} split train: no image column among picture, label; pass --hf_image_column")
+    samples = build_dataset(loader_args(plain, "--hf_image_column", "picture"), False).samples
+    assert [(int(ImageSamples(samples, train_transform(32))[i][0][0].float().mean()), label)
+            for i, (_, label) in enumerate(samples)] == [(0, 2), (1, 0), (2, 1)]
 
     no_image = saved(tmp_path, "no_image", [{"pixels": [1, 2], "label": 0}],
                      {"pixels": datasets.Sequence(datasets.Value("int64")), "label": datasets.Value("int64")})

@@ -80,12 +80,15 @@ def caption_problem(caption):
     return None if caption else "empty caption"
 
 
-def pick_column(features, where, flag, given, what, *rules):
-    """The column named by `flag`, else the only column matching the first rule that matches any (in order)."""
+def pick_column(features, where, flag, given, what, *rules, cast=False):
+    """The column named by `flag` (matching a rule, unless the caller casts it), else the only column matching the
+    first rule that matches any (in order)."""
     columns = ", ".join(features)
     if given is not None:
         if given not in features:
             raise ValueError(f"{where}: no column {given!r} ({flag}); columns: {columns}")
+        if not cast and not any(rule(features[given]) for rule in rules):
+            raise ValueError(f"{where}: column {given!r} ({flag}) holds {features[given]}, not a {what}")
         return given
     for rule in rules:
         candidates = [name for name, feature in features.items() if rule(feature)]
@@ -154,8 +157,10 @@ class HFImages:
         dataset = load_split(source, split)
         where = f"--data_path {source} split {split}"
         features = dataset.features
+        # a named image column need not be an Image feature (e.g. {bytes, path} structs of parquet written by other
+        # tools): ImageColumn casts it
         self.images = ImageColumn(dataset, pick_column(features, where, "--hf_image_column", image_column, "image",
-                                                       lambda f: isinstance(f, datasets.Image)), where)
+                                                       lambda f: isinstance(f, datasets.Image), cast=True), where)
         if labels is None:
             self.samples = [(Row(self.images, i), None) for i in range(len(dataset))]
             return
