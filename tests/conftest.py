@@ -20,6 +20,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 SESSION_CACHE = tempfile.mkdtemp(prefix="jit_test_cache_")
 os.environ["JIT_CACHE_DIR"] = os.path.join(SESSION_CACHE, "jit")
 os.environ["TORCH_HOME"] = os.path.join(SESSION_CACHE, "torch")
+os.environ["HF_DATASETS_CACHE"] = os.path.join(SESSION_CACHE, "hf_datasets")  # parquet folders are converted there
 
 
 def pytest_sessionfinish(session, exitstatus):

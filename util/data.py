@@ -1,8 +1,9 @@
 """Training data that survives bad files, and a sampler that resumes mid-epoch.
 
-Every dataset kind (ImageFolder, TextImageDataset, ImageNetWithCaptions) is indexed once into (path, label) pairs;
-ImageSamples decodes them. A file that cannot be decoded stops the run naming it (--on_bad_data error) or is
-replaced by the next readable sample, with that sample's own label (skip): labels never shift.
+Every dataset kind (ImageFolder, TextImageDataset, ImageNetWithCaptions, a Hugging Face split) is indexed once into
+(path, label) pairs, where a Hugging Face "path" is a row (util/hf_data.Row); ImageSamples decodes them. A file that
+cannot be decoded stops the run naming it (--on_bad_data error) or is replaced by the next readable sample, with that
+sample's own label (skip): labels never shift.
 """
 import functools
 import hashlib
@@ -17,11 +18,11 @@ from torchvision import transforms
 from util.crop import center_crop_arr
 
 
-def load_rgb(path):
-    """Decode an image file to 8-bit RGB: 16-bit and float grayscale are rescaled (not clipped), images with
-    transparency (RGBA, LA, palette with transparency) are composited over white, CMYK is converted."""
-    with open(path, "rb") as f:
-        image = Image.open(f)
+def load_rgb(source):
+    """Decode an image (a path, or a binary file object such as io.BytesIO of stored bytes) to 8-bit RGB: 16-bit
+    and float grayscale are rescaled (not clipped), images with transparency (RGBA, LA, palette with transparency)
+    are composited over white, CMYK is converted. The one decoder of every data path (class, text, prepare_ref.py)."""
+    with Image.open(source) as image:
         image.load()  # decode now: a truncated file fails here, inside the try of the caller
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         pixels = np.asarray(image, dtype=np.float64)
@@ -34,6 +35,11 @@ def load_rgb(path):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image)
     return image.convert("RGB")
+
+
+def load_sample(path):
+    """The RGB image of a sample: a file path, or a data set row that reads its stored bytes (util/hf_data.Row)."""
+    return load_rgb(path) if isinstance(path, (str, os.PathLike)) else path.load()
 
 
 def train_transform(img_size):
@@ -71,7 +77,7 @@ class ImageSamples(Dataset):
         for offset in range(len(self.samples)):
             path, label = self.samples[(index + offset) % len(self.samples)]
             try:
-                return self.transform(load_rgb(path)), label
+                return self.transform(load_sample(path)), label
             except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
                 if self.on_bad == "error":
                     raise UnreadableImage(f"{unreadable_message(path, e)}; fix or remove it, "
@@ -83,7 +89,7 @@ class ImageSamples(Dataset):
 def _check_one(samples, index):
     path = samples[index][0]
     try:
-        load_rgb(path)
+        load_sample(path)
         return None
     except Exception as e:  # noqa: BLE001
         return f"{path}: {type(e).__name__}: {e}"
@@ -112,15 +118,18 @@ def check_data(samples, on_bad, num_workers=2, progress=True):
     if problems:
         warnings.warn(f"--check_data: skipping {len(problems)} unreadable file(s):\n" + "\n".join(problems))
     bad = {p.split(": ", 1)[0] for p in problems}
-    return [s for s in samples if s[0] not in bad]
+    return [s for s in samples if str(s[0]) not in bad]
 
 
 def holdout_split(samples, fraction, root):
     """(training samples, held-out samples) for --val_fraction: the round(fraction * n) samples whose path relative
-    to root has the smallest SHA-256, each list in the original order. No RNG is involved, so the split is the same
-    on every rank, every resume and every --seed, and adding images to the folder moves few others across it."""
+    to root (a data set row: its row index) has the smallest SHA-256, each list in the original order. No RNG is
+    involved, so the split is the same on every rank, every resume and every --seed, and adding images to the folder
+    moves few others across it."""
     def key(index):
-        return hashlib.sha256(os.path.relpath(samples[index][0], root).encode()).digest()
+        path = samples[index][0]
+        name = os.path.relpath(path, root) if isinstance(path, (str, os.PathLike)) else f"row {path.index}"
+        return hashlib.sha256(name.encode()).digest()
 
     held = set(sorted(range(len(samples)), key=key)[:round(fraction * len(samples))])
     return ([s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held])
