@@ -1,7 +1,9 @@
 """Denoiser: wraps the JiT network with the x-prediction / v-loss objective, the ODE sampler and two EMA tracks.
 
-Formulas, defaults and the order of random draws follow ../shared/SPEC.md, section 3. t = 0 is pure noise and
-t = 1 the clean image; z_t = t x + (1 - t) e.
+As in the JiT release (github.com/LTH14/JiT; arXiv 2511.13720): t = 0 is pure noise and t = 1 the clean image,
+z_t = t x + (1 - t) e with e = noise_scale * N(0, I) and t = sigmoid(P_std * N(0, 1) + P_mean); the network predicts
+x, the loss is measured on v = (x - z) / max(1 - t, t_eps). Random draws, in this order: label drop, t, e in
+training; the initial noise first in sampling.
 """
 import argparse
 import functools
