@@ -5,9 +5,10 @@
     python bench.py --loader                          # loader images/s per worker, JPEG vs shards; cores per GPU
     python bench.py --model JiT-B/16 --text_llm <LLM folder>   # text-conditioning overhead of a training step
 
-The training step is engine_jit.train_step on one fixed random batch, with main_jit's Denoiser and optimizer;
-sampling is Denoiser.generate. Model FLOPs are counted by torch's FlopCounterMode on the meta device (util/benchmark)
-and compared with the device's dense-GEMM peak in the compute dtype, re-measured around every timed iteration.
+The training step is engine_jit.train_step on one fixed random batch, with main_jit's Denoiser and
+util.misc.build_optimizer; sampling is Denoiser.generate. Model FLOPs are counted by torch's FlopCounterMode on the
+meta device (util/benchmark), a sample's as Denoiser.network_evaluations forward passes, and compared with the
+device's dense-GEMM peak in the compute dtype, re-measured around every timed iteration.
 A summary is printed, then one line holding a JSON object with all the figures. Helpers: util/benchmark.py.
 """
 import argparse
