@@ -5,9 +5,10 @@
     python bench.py --loader                          # loader images/s per worker, JPEG vs shards; cores per GPU
     python bench.py --model JiT-B/16 --text_llm <LLM folder>   # text-conditioning overhead of a training step
 
-The training step is engine_jit.train_step on one fixed random batch, with main_jit's Denoiser and optimizer;
-sampling is Denoiser.generate. Model FLOPs are counted by torch's FlopCounterMode on the meta device (util/benchmark)
-and compared with the device's dense-GEMM peak in the compute dtype, re-measured around every timed iteration.
+The training step is engine_jit.train_step on one fixed random batch, with main_jit's Denoiser and
+util.misc.build_optimizer; sampling is Denoiser.generate. Model FLOPs are counted by torch's FlopCounterMode on the
+meta device (util/benchmark), a sample's as Denoiser.network_evaluations forward passes, and compared with the
+device's dense-GEMM peak in the compute dtype, re-measured around every timed iteration.
 A summary is printed, then one line holding a JSON object with all the figures. Helpers: util/benchmark.py.
 """
 import argparse
@@ -51,7 +52,7 @@ def get_parser():
     p.add_argument("--lr", default=1e-4, type=float)
     p.add_argument("--gen_bsz", default=4, type=int, help="sampling batch size (labels; CFG doubles the net batch)")
     p.add_argument("--sampling_method", default="heun", choices=["euler", "heun"])
-    p.add_argument("--sampling_steps", default=50, type=int, help="ODE steps (Heun 50 = 99 network evaluations)")
+    p.add_argument("--sampling_steps", default=50, type=int, help="ODE steps")
     p.add_argument("--cfg", default=2.9, type=float)
     p.add_argument("--interval_min", default=0.1, type=float)
     p.add_argument("--interval_max", default=1.0, type=float)
@@ -115,10 +116,9 @@ def run_phase(args, name, call, iters, warmup, device, flops_per_call, peak, log
     check = None if peak is None or args.gemm_recheck <= 0 else benchmark.PairedPeak(
         device, torch.bfloat16 if args.precision == "bf16" else torch.float32, peak, args.gemm_recheck)
     with benchmark.PeakMemory(device) as mem:
-        benchmark.timed_calls(warmup, call, device, lambda i, t, _: f"  {name} warm-up {i + 1}/{warmup}: {t:.2f} s",
-                              log)
-        times, cpu, _ = benchmark.timed_calls(iters, call, device, lambda i, t, _: f"  {name} {i + 1}/{iters}: "
-                                              f"{t:.2f} s", log, check)
+        benchmark.timed_calls(warmup, call, lambda i, t, _: f"  {name} warm-up {i + 1}/{warmup}: {t:.2f} s", log)
+        times, cpu, _ = benchmark.timed_calls(iters, call, lambda i, t, _: f"  {name} {i + 1}/{iters}: {t:.2f} s",
+                                              log, check)
     total = sum(times)
     rec = {f"{name}_s": total / len(times), f"{name}_flops_per_s": flops_per_call * len(times) / total,
            f"{name}_cpu_util": cpu / (total * torch.get_num_threads()) if device.type == "cpu" else None,
@@ -149,10 +149,11 @@ def model_benchmark(args, device, log):
     flops = benchmark.model_flops(build(args, torch.device("meta"))[0], args.img_size)
     model, optimizer = build(args, device)
     rec.update(params=sum(p.numel() for p in model.parameters() if p.requires_grad), fwd_flops_per_image=flops["forward"],
-               train_flops_per_image=flops["train"], sample_flops_per_image=flops["sample"])
+               train_flops_per_image=flops["train"], sample_flops_per_image=flops["sample"],
+               sample_evaluations_per_image=model.network_evaluations())
     log(f"{args.model}: {rec['params'] / 1e6:.2f}M trainable parameters; per image: forward "
         f"{flops['forward'] / 1e9:.2f} GFLOPs, training step {flops['train'] / 1e9:.2f}, sampling "
-        f"{flops['sample'] / 1e9:.1f}")
+        f"{flops['sample'] / 1e9:.1f} ({rec['sample_evaluations_per_image']} network evaluations)")
     model.train(True)
     x, labels = random_batch(args, device)
     if not args.skip_train:
@@ -168,7 +169,7 @@ def model_benchmark(args, device, log):
     if not args.skip_sample:
         model.eval()
         steps, model.num_sampling_steps = model.num_sampling_steps, min(2, model.num_sampling_steps)
-        benchmark.timed_calls(args.sample_warmup, generate, device)  # both batch shapes (B, 2B with CFG) warmed
+        benchmark.timed_calls(args.sample_warmup, generate)  # both batch shapes (B, 2B with CFG) warmed
         model.num_sampling_steps = steps
         rec.update(run_phase(args, "sample_batch", generate, args.sample_iters, 0, device,
                              args.gen_bsz * flops["sample"], peak, log))
@@ -212,14 +213,14 @@ def text_overhead(args, device, log):
                 model.net.y_embedder.set_captions(captions, build_store(caption_llm, captions, store_root, device,
                                                                         progress=False))
             steps[kind] = functools.partial(train_step, model, model, optimizer, x, ids, args.precision)
-            benchmark.timed_calls(args.train_warmup, steps[kind], device)
+            benchmark.timed_calls(args.train_warmup, steps[kind])
         times = {kind: [] for kind in kinds}
         for _ in range(args.train_iters):
             for kind in kinds:
-                times[kind] += benchmark.timed_calls(1, steps[kind], device)[0]
+                times[kind] += benchmark.timed_calls(1, steps[kind])[0]
         with caption_llm.loaded(device):
             llm_s = statistics.mean(benchmark.timed_calls(args.train_iters,
-                                                          lambda: caption_llm.pooled_features(captions), device)[0])
+                                                          lambda: caption_llm.pooled_features(captions))[0])
     seconds = {kind: statistics.mean(t) for kind, t in times.items()}
     first = kinds[1]
     rec = {"text_llm": args.text_llm, "batch_size": args.batch_size, "class_step_s": seconds["class"],
@@ -268,7 +269,7 @@ def loader_benchmark(args, log):
         for name in models:
             args.img_size = size
             model = build(args, torch.device("meta"), model=name)[0]
-            train_flops = benchmark.model_flops(model, size, sample=False)["train"]
+            train_flops = benchmark.model_flops(model, size)["train"]
             images_per_s = args.gpu_tflops * 1e12 * args.gpu_util / train_flops
             cores = {kind: images_per_s / rec["loader"][f"{kind}_{size}"]["images_per_cpu_s"]
                      for kind in ("jpeg", "shards")}

@@ -1,7 +1,9 @@
 """Denoiser: wraps the JiT network with the x-prediction / v-loss objective, the ODE sampler and two EMA tracks.
 
-Formulas, defaults and the order of random draws follow ../shared/SPEC.md, section 3. t = 0 is pure noise and
-t = 1 the clean image; z_t = t x + (1 - t) e.
+As in the JiT release (github.com/LTH14/JiT; arXiv 2511.13720): t = 0 is pure noise and t = 1 the clean image,
+z_t = t x + (1 - t) e with e = noise_scale * N(0, I) and t = sigmoid(P_std * N(0, 1) + P_mean); the network predicts
+x, the loss is measured on v = (x - z) / max(1 - t, t_eps). Random draws, in this order: label drop, t, e in
+training; the initial noise first in sampling.
 """
 import argparse
 import functools
@@ -117,23 +119,36 @@ class Denoiser(nn.Module):
         v_cond, v_uncond = (x_cond - z) / denom, (x_uncond - z) / denom
         return v_uncond + w * (v_cond - v_uncond)
 
+    def time_grid(self):
+        """The sampler's times i / steps, i = 0..steps, as exact floats: float32 rounding (0.1 -> 0.10000000149)
+        would put a grid point that equals a CFG-interval bound inside the interval."""
+        return [i / self.num_sampling_steps for i in range(self.num_sampling_steps + 1)]
+
+    def step_methods(self):
+        """The method of each ODE step: --sampling_method, but the last step is always Euler, so the network is never
+        queried at t = 1."""
+        if self.sampling_method not in ("euler", "heun"):
+            raise ValueError(f"--sampling_method must be euler or heun, got {self.sampling_method!r}")
+        return [self.sampling_method] * (self.num_sampling_steps - 1) + ["euler"]
+
+    def network_evaluations(self):
+        """Network evaluations per sample of generate(): one velocity per Euler step, two per Heun step, each doubled
+        by the null-label pass where the guidance weight is not 1."""
+        grid = self.time_grid()
+        times = [t for i, method in enumerate(self.step_methods()) for t in grid[i:i + (2 if method == "heun" else 1)]]
+        return sum(1 if self.cfg_weight(t) == 1.0 else 2 for t in times)
+
     @torch.no_grad()
     def generate(self, labels, on_step=None):
         """Samples for labels (B,); on_step() is called after every ODE step (progress bars)."""
         bsz = labels.shape[0]
         z = self.noise_scale * torch.randn(bsz, 3, self.img_size, self.img_size, device=labels.device)
         grid = torch.linspace(0.0, 1.0, self.num_sampling_steps + 1, device=labels.device)
-        # exact grid times i/steps for the CFG-interval decisions: float32 rounding of the grid (0.1 -> 0.10000000149)
-        # would otherwise put a grid point that equals an interval bound inside the interval
-        grid_values = [i / self.num_sampling_steps for i in range(self.num_sampling_steps + 1)]
+        grid_values = self.time_grid()  # for the CFG-interval decisions
         times = grid.view(-1, 1, 1, 1, 1).expand(-1, bsz, 1, 1, 1)
-        if self.sampling_method not in ("euler", "heun"):
-            raise ValueError(f"--sampling_method must be euler or heun, got {self.sampling_method!r}")
-        for i in range(self.num_sampling_steps):
+        for i, method in enumerate(self.step_methods()):
             args = (z, times[i], times[i + 1], grid_values[i], grid_values[i + 1], labels)
-            # the last step is always Euler, so the network is never queried at t = 1
-            last = i == self.num_sampling_steps - 1
-            z = self.heun_step(*args) if self.sampling_method == "heun" and not last else self.euler_step(*args)
+            z = self.heun_step(*args) if method == "heun" else self.euler_step(*args)
             if on_step is not None:
                 on_step()
         return z

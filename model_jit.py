@@ -1,4 +1,4 @@
-"""JiT: Just image Transformer (Li & He, "Back to Basics: Let Denoising Generative Models Denoise").
+"""JiT: Just image Transformer (Li & He, "Back to Basics: Let Denoising Generative Models Denoise", arXiv 2511.13720).
 
 The network predicts the clean image from a noisy one. Module and parameter names follow the published
 release exactly, so official checkpoints load without remapping. The condition is a class embedding; -Text

@@ -1,4 +1,4 @@
-"""Caption-conditioned datasets for text-to-image training (SPEC.md section 7).
+"""Caption-conditioned datasets for text-to-image training (an extension: the JiT release is class-conditional).
 
 A sample is (transform(PIL RGB image), caption_id); `dataset.captions` lists the captions and caption_id indexes
 it. Each caption is embedded once by the frozen LLM into the caption feature store (util/text_store.py), whose

@@ -1,5 +1,5 @@
-"""bench.py and util/benchmark.py: FLOPs counted on the meta device against real CPU tensors and the paper, the
-sampler's counted evaluations, and tiny runs of every mode that leave the test process as they found it."""
+"""bench.py and util/benchmark.py: FLOPs counted on the meta device against real CPU tensors, the closed form and the
+paper, the sampler's evaluations, and tiny runs of every mode that leave the test process as they found it."""
 import json
 
 import pytest
@@ -25,7 +25,7 @@ def test_meta_flop_count_equals_real_forward_and_backward(make_args, perturb):
         model(x, labels).backward()
     with torch.device("meta"):
         meta = Denoiser(make_args())  # sdpa
-    counted = benchmark.model_flops(meta, 32, batch_size=3, sample=False)
+    counted = benchmark.model_flops(meta, 32, batch_size=3)
     assert counted["train"] == pytest.approx(counter.get_total_flops() / 3, rel=1e-6)
     # backward of every layer costs twice its forward, except the input gradient of the first convolution
     assert 2.9 < counted["train"] / counted["forward"] < 3.0
@@ -43,15 +43,44 @@ def test_flop_count_matches_paper_gflops(make_args, name, paper_gmacs):
     assert macs / 1e9 == pytest.approx(paper_gmacs, rel=0.03)
 
 
-def test_sampling_flops_count_the_null_pass_inside_the_cfg_interval(make_args):
+def closed_form_forward_flops(depth, width, patch, bottleneck, in_context_start, in_context_len, img_size):
+    """2 x the multiply-accumulates of one image through the JiT: t embedding MLP, bottleneck patch embedding, per
+    block adaLN, qkv, q k^T, attention x v, projection and SwiGLU (hidden 2/3 x 4 x width), final adaLN and linear;
+    from block in_context_start on, the sequence holds the in-context tokens too."""
+    n, d, hidden = (img_size // patch) ** 2, width, int(4 * width * 2 / 3)
+    macs = 256 * d + d * d + n * patch ** 2 * 3 * bottleneck + n * bottleneck * d + 2 * d * d + n * d * patch ** 2 * 3
+    for block in range(depth):
+        s = n + (in_context_len if block >= in_context_start else 0)
+        macs += 6 * d * d + 3 * s * d * d + 2 * s * s * d + s * d * d + 3 * s * d * hidden
+    return 2 * macs
+
+
+@pytest.mark.parametrize("name,img_size,shape", [("JiT-B/16", 256, (12, 768, 16, 128, 4, 32)),
+                                                 ("JiT-T/4", 32, (6, 192, 4, 32, 2, 8))])
+def test_flop_count_equals_the_closed_form(make_args, name, img_size, shape):
     with torch.device("meta"):
-        steps = ("--num_sampling_steps", "10")
-        heun = Denoiser(make_args(*steps, "--cfg", "2.9", "--interval_min", "0.1", "--interval_max", "1.0"))
-        plain = Denoiser(make_args(*steps, "--cfg", "1.0"))
-    flops = benchmark.model_flops(heun, 32)
-    # Heun 10 = 19 network calls; with CFG on (0.1, 1) the 3 calls at t = 0 and 0.1 run without the null pass
-    assert flops["sample"] == pytest.approx((3 + 2 * 16) * flops["forward"], rel=1e-9)
-    assert benchmark.model_flops(plain, 32)["sample"] == pytest.approx(19 * flops["forward"], rel=1e-9)
+        model = Denoiser(make_args("--model", name, "--img_size", str(img_size)))
+    assert benchmark.model_flops(model, img_size)["forward"] == closed_form_forward_flops(*shape, img_size)
+
+
+@pytest.mark.parametrize("method,steps,cfg,interval_min,evaluations", [
+    ("heun", 10, 1.0, 0.1, 19),  # 9 Heun steps x 2 + the last step, always Euler
+    ("heun", 10, 2.9, 0.1, 35),  # the null pass doubles all but the 3 evaluations at t = 0 and 0.1
+    ("heun", 10, 2.9, 0.0, 38),  # an interval from 0 doubles every evaluation
+    ("euler", 10, 1.0, 0.1, 10),
+    ("euler", 10, 2.9, 0.1, 18),  # t = 0 and 0.1 single, 0.2 ... 0.9 doubled
+    ("heun", 50, 2.9, 0.1, 187),  # the README's benchmark: 99 evaluations, 88 doubled
+])
+def test_network_evaluations_per_sample(make_args, method, steps, cfg, interval_min, evaluations):
+    with torch.device("meta"):
+        model = Denoiser(make_args("--sampling_method", method, "--num_sampling_steps", str(steps), "--cfg", str(cfg),
+                                   "--interval_min", str(interval_min), "--interval_max", "1.0"))
+    assert model.network_evaluations() == evaluations
+    # what generate() runs, counted by FlopCounterMode, is what bench.py reports from the Denoiser's count
+    flops = benchmark.model_flops(model, 32)
+    assert flops["sample"] == evaluations * flops["forward"]
+    labels = torch.zeros(2, dtype=torch.long, device="meta")
+    assert benchmark.count_flops(lambda: model.generate(labels)) == 2 * flops["sample"]
 
 
 def process_state():
@@ -82,6 +111,7 @@ def test_bench_runs_end_to_end_on_a_tiny_config(capsys, make_args):
         assert 0 < rec[f"{phase}_frac_of_paired_peak"] and rec[f"{phase}_peak_mem_bytes"] > 0
     assert all(r["flops_per_s"] <= r["best_call_flops_per_s"] for r in rec["gemm_results"])
     # Heun 3 steps, CFG on (0.1, 1): t = 0 alone, then t = 1/3 (x2) and 2/3 (x3) with the null pass
+    assert rec["sample_evaluations_per_image"] == 1 + 2 * 4
     assert rec["sample_flops_per_image"] == pytest.approx((1 + 2 * 4) * rec["fwd_flops_per_image"])
 
 

@@ -1,4 +1,5 @@
-"""Tests of the Denoiser (denoiser.py): state_dict layout, training loss, sampler, CFG and EMA (SPEC sections 2-3)."""
+"""Tests of the Denoiser (denoiser.py): state_dict layout, training loss, sampler, CFG and EMA, against the JiT release
+(github.com/LTH14/JiT)."""
 import math
 
 import pytest
@@ -14,7 +15,8 @@ NUM_CLASSES = 10  # the tiny args of conftest use --class_num 10; label 10 is th
 
 
 def spec_b16_keys():
-    """SPEC section 2, 'State-dict keys', written out for JiT-B/16 at 256 px with 1000 classes (N = 256, D = 768)."""
+    """The official checkpoints' Denoiser-level state_dict keys, written out for JiT-B/16 at 256 px with 1000 classes
+    (N = 256, D = 768)."""
     keys = [
         ("net.pos_embed", (1, 256, 768)),
         ("net.in_context_posemb", (1, 32, 768)),
@@ -199,7 +201,8 @@ def test_label_drop_only_in_training_and_maps_to_null(make_args):
 
 
 def hand_sampler(x0, a, z, labels, steps, method, t_eps, cfg=1.0, interval=(0.0, 1.0)):
-    """SPEC section 3 generate() written out in float64; returns (final z, z before the last step, eval times)."""
+    """The release's sampler (Heun or Euler, the last step Euler, CFG on the interval) in float64; returns (final z,
+    z before the last step, eval times)."""
     null = torch.full_like(labels, NUM_CLASSES)
     evals = []
 

@@ -1,4 +1,5 @@
-"""Tests of the JiT network (model_jit.py) against SPEC.md sections 1 and 2."""
+"""Tests of the JiT network (model_jit.py) against the configurations and network of the paper (arXiv 2511.13720)
+and the release (github.com/LTH14/JiT)."""
 import math
 
 import pytest
@@ -216,7 +217,7 @@ def test_apply_rope_compiled_form_equals_the_complex_product(monkeypatch):
 
 
 def spec_rope_angle(r, c, k, head_dim):
-    """SPEC angle of channel k for the image token at (row r, column c)."""
+    """The release's RoPE angle of channel k for the image token at (row r, column c)."""
     h = head_dim // 2
     pos, idx = (r, k) if k < h else (c, k - h)
     j = idx // 2  # each frequency twice, adjacent
@@ -348,7 +349,7 @@ def test_unpatchify_pixel_mapping():
 
 
 def reference_forward(net, x, t, y):
-    """Independent float64 implementation of the SPEC section 2 network from the module's state_dict."""
+    """Independent float64 implementation of the release's network from the module's state_dict."""
     P = {k: v.double() for k, v in net.state_dict().items()}
     B = x.shape[0]
     p, g = net.patch_size, net.grid_size

@@ -14,13 +14,6 @@ from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -50,20 +43,18 @@ def count_flops(fn):
     return counter.get_total_flops()
 
 
-def model_flops(model, img_size, batch_size=2, sample=True):
+def model_flops(model, img_size, batch_size=2):
     """Per-image FLOPs of a Denoiser (on the meta device: shapes only, no memory): 'forward' of the network,
-    'train' the loss forward + backward of a training step, 'sample' one generate() call (every network evaluation
-    of the sampler, with the null pass where the CFG interval applies; skipped unless `sample`). FlopCounterMode sees inside the attention
-    only on meta tensors (on a CPU the fused kernel is opaque to it)."""
+    'train' the loss forward + backward of a training step, 'sample' one generate() call (its network evaluations,
+    Denoiser.network_evaluations, times 'forward'). FlopCounterMode sees inside the attention only on meta tensors
+    (on a CPU the fused kernel is opaque to it)."""
     x = torch.zeros(batch_size, 3, img_size, img_size, device="meta")
     labels = torch.zeros(batch_size, dtype=torch.long, device="meta")
     t = torch.full((batch_size,), 0.5, device="meta")
     with torch.no_grad():
-        forward = count_flops(lambda: model.net(x, t, labels))
-        sample = count_flops(lambda: model.generate(labels)) if sample else None
-    train = count_flops(lambda: model(x, labels).backward())
-    return {"forward": forward / batch_size, "train": train / batch_size,
-            "sample": sample / batch_size if sample else None}
+        forward = count_flops(lambda: model.net(x, t, labels)) / batch_size
+    train = count_flops(lambda: model(x, labels).backward()) / batch_size
+    return {"forward": forward, "train": train, "sample": forward * model.network_evaluations()}
 
 
 # ---------------------------------------------------------------------------------------------------------- memory
@@ -179,19 +170,18 @@ class PairedPeak:
 
 
 # ---------------------------------------------------------------------------------------------------------- timing
-def timed_calls(count, call, device, describe=None, log=print, peak_check=None):
-    """call() count times, each one synchronised and timed (a training step or a generate() call is long and
-    stateful: one call per measurement, not torch.utils.benchmark's repeated blocks); describe(i, seconds, result)
-    -> a line to log; peak_check() before every call and after the last. Returns (seconds of each call, process CPU
-    seconds inside the calls, the last result)."""
+def timed_calls(count, call, describe=None, log=print, peak_check=None):
+    """call() count times, each one timed by torch.utils.benchmark's clock (it synchronises the accelerator; a
+    Timer would add two untimed calls per measurement, and a training step is long and stateful); describe(i,
+    seconds, result) -> a line to log; peak_check() before every call and after the last. Returns (seconds of each
+    call, process CPU seconds inside the calls, the last result)."""
     times, cpu_total, result = [], 0.0, None
     for i in range(count):
         if peak_check is not None:
             peak_check()
-        start, cpu0 = time.perf_counter(), cpu_seconds()
+        start, cpu0 = torch_benchmark.timer(), cpu_seconds()
         result = call()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+        times.append(torch_benchmark.timer() - start)
         cpu_total += cpu_seconds() - cpu0
         if describe is not None:
             log(describe(i, times[-1], result))

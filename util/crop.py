@@ -1,4 +1,5 @@
-"""ADM center crop, the training-time and reference-statistics crop of JiT (SPEC section 5)."""
+"""ADM center crop (guided-diffusion's center_crop_arr), the training-time and reference-statistics crop of the JiT
+release (github.com/LTH14/JiT)."""
 from PIL import Image
 
 

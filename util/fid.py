@@ -1,4 +1,5 @@
-"""FID and Inception Score with torch-fidelity's Inception-v3 (the TF 2015-12-05 FID network), SPEC section 5.
+"""FID and Inception Score with torch-fidelity's Inception-v3 (the TF 2015-12-05 FID network), as the JiT release
+evaluates (github.com/LTH14/JiT).
 
 Where the Inception weights come from (`load_inception`, first that applies):
   1. a local torch-fidelity-format state_dict named by the caller or by $JIT_INCEPTION_WEIGHTS;
