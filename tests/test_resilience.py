@@ -1,6 +1,7 @@
 """Runs that survive: atomic checkpoints under SIGKILL, exact resume, SIGTERM preemption under torchrun, divergence,
 bad data and bad configuration."""
 import glob
+import io
 import os
 import re
 import signal
@@ -253,6 +254,8 @@ def test_image_modes_decode_to_correct_rgb(tmp_path):
     rgba[0, 0] = (10, 20, 30, 255)  # opaque pixel; the other one is fully transparent
     Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
     assert np.asarray(load_rgb(tmp_path / "rgba.png")).tolist() == [[[10, 20, 30], [255, 255, 255]]]
+    stored = io.BytesIO((tmp_path / "rgba.png").read_bytes())  # the bytes of a Hub data set row, no file on disk
+    assert np.asarray(load_rgb(stored)).tolist() == [[[10, 20, 30], [255, 255, 255]]]
     Image.fromarray(np.full((2, 2), 77, np.uint8), "L").save(tmp_path / "gray.png")
     assert np.asarray(load_rgb(tmp_path / "gray.png")).tolist() == [[[77] * 3] * 2] * 2
     Image.new("CMYK", (2, 2), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg", quality=100)

@@ -17,11 +17,11 @@ from torchvision import transforms
 from util.crop import center_crop_arr
 
 
-def load_rgb(path):
-    """Decode an image file to 8-bit RGB: 16-bit and float grayscale are rescaled (not clipped), images with
-    transparency (RGBA, LA, palette with transparency) are composited over white, CMYK is converted."""
-    with open(path, "rb") as f:
-        image = Image.open(f)
+def load_rgb(source):
+    """Decode an image (a path, or a binary file object such as io.BytesIO of stored bytes) to 8-bit RGB: 16-bit
+    and float grayscale are rescaled (not clipped), images with transparency (RGBA, LA, palette with transparency)
+    are composited over white, CMYK is converted. The one decoder of every data path (class, text, prepare_ref.py)."""
+    with Image.open(source) as image:
         image.load()  # decode now: a truncated file fails here, inside the try of the caller
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         pixels = np.asarray(image, dtype=np.float64)
