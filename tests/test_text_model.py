@@ -359,7 +359,8 @@ def test_training_and_sampling_read_the_same_rows(text_args, tmp_path):
     for mode in ("pooled", "tokens"):
         args = text_args("--text_conditioning", mode, "--text_cache_dir", str(tmp_path / "stores"))
         trained = Denoiser(args)
-        setup_captions(args, trained, type("Data", (), {"captions": CAPTIONS})())
+        dataset = type("Data", (), {"captions": CAPTIONS, "samples": [("0.png", 0)]})()  # as build_dataset's
+        setup_captions(args, trained, dataset)
         sampler = Denoiser(args)
         prompts = ["a new prompt", CAPTIONS[3], CAPTIONS[1]]
         sampler.net.y_embedder.set_captions(prompts, build_store(sampler.net.y_embedder.encoder, prompts,
