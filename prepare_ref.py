@@ -3,10 +3,11 @@
     python prepare_ref.py --data_path ./data/imagenet --img_size 256 --stats_out fid_stats/jit_in256_stats.npz
     python prepare_ref.py --data_path ./data/imagenet --img_size 256 --png_dir ./data/imagenet_ref256
 
---data_path is an ImageFolder root (<path>/train/<class>/*.JPEG is used when <path>/train exists), any folder of
-images, searched recursively, a folder of pre-cropped shards written by prepare_data.py (the same crops), or a Hugging
-Face data set as main_jit.py reads it (hf:<Hub name>, a save_to_disk folder or a folder of parquet files; --hf_split,
---hf_image_column). Images are read as RGB and cropped with util/crop.py (the training crop), so the
+--data_path is an ImageFolder root (<path>/train/<class>/*.JPEG is used when <path>/train exists), a captioned
+-Text data set (<path>/images/ is used when <path>/images and <path>/captions exist), any folder of images, searched
+recursively, a folder of pre-cropped shards written by prepare_data.py (the same crops), or a Hugging Face data set as
+main_jit.py reads it (hf:<Hub name>, a save_to_disk folder or a folder of parquet files; --hf_split,
+--hf_image_column). Images are decoded by util/data.load_rgb and cropped with util/crop.py, as in training, so the
 statistics match the training images. PNGs are written uncompressed (compress_level=0) as the original JiT did.
 """
 import argparse
@@ -21,17 +22,17 @@ from tqdm import tqdm
 
 from util import fid
 from util.crop import center_crop_arr
+from util.data import IMAGE_EXTENSIONS, load_rgb
 from util.hf_data import HFImages, is_hf_source
 from util.shards import ShardDataset, is_shard_folder
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser("JiT FID reference", description=__doc__.split("\n")[0])
     parser.add_argument("--data_path", default="./data/imagenet",
-                        help="ImageFolder root, a folder of images, prepare_data.py shards, or a Hugging Face data set "
-                             "(hf:<Hub name>, a save_to_disk folder or a folder of parquet files)")
+                        help="ImageFolder root, captioned data set (images/ + captions/), a folder of images, "
+                             "prepare_data.py shards, or a Hugging Face data set (hf:<Hub name>, a save_to_disk "
+                             "folder or a folder of parquet files)")
     parser.add_argument("--img_size", default=256, type=int, help="side of the center crop")
     parser.add_argument("--hf_split", default="train", help="split of a Hugging Face --data_path")
     parser.add_argument("--hf_image_column", default=None, help="image column (default: the one Image feature)")
@@ -48,11 +49,21 @@ def get_args_parser():
     return parser
 
 
+def image_root(data_path):
+    """The folder main_jit.py trains from: data_path/train (ImageFolder), data_path/images (a captioned data set:
+    images/ + captions/), else data_path itself."""
+    if os.path.isdir(os.path.join(data_path, "train")):
+        return os.path.join(data_path, "train")
+    if os.path.isdir(os.path.join(data_path, "images")) and os.path.isdir(os.path.join(data_path, "captions")):
+        return os.path.join(data_path, "images")
+    return data_path
+
+
 def find_images(data_path, max_images=None):
-    """Sorted image files under data_path/train if it exists, else under data_path (recursively)."""
+    """Sorted image files under image_root(data_path), searched recursively."""
     if not os.path.isdir(data_path):
         raise SystemExit(f"prepare_ref.py: error: data folder not found: {data_path}")
-    root = os.path.join(data_path, "train") if os.path.isdir(os.path.join(data_path, "train")) else data_path
+    root = image_root(data_path)
     files = sorted(os.path.join(folder, name) for folder, _, names in os.walk(root, followlinks=True)
                    for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
@@ -74,8 +85,7 @@ class CroppedImages(Dataset):
     def __getitem__(self, index):
         path = self.files[index]
         try:
-            with Image.open(path) as image:
-                image = center_crop_arr(image.convert("RGB"), self.size)
+            image = center_crop_arr(load_rgb(path), self.size)
         except Exception as e:
             raise RuntimeError(f"cannot read image {path}: {e}") from None
         if self.png_dir:

@@ -144,7 +144,7 @@ def main(argv=None):
 
     import util.misc as misc
     from denoiser import Denoiser, is_text_model
-    from engine_jit import generate_uint8, save_grid
+    from engine_jit import generate_uint8, save_grid, save_prompt_list
     from util.checkpoint import (is_pretrained_folder, load_checkpoint, load_pretrained, read_checkpoint,
                                  read_pretrained_config, weights_description)
 
@@ -198,10 +198,12 @@ def main(argv=None):
     model.to(device)
 
     if text:
+        from main_jit import report_truncated
         from util.text_store import build_store
 
         targets = read_prompts(cli)
         embedder = model.net.y_embedder
+        report_truncated(embedder.caption_llm.tokenizer, targets, args.max_text_len, kind="prompts")
         try:  # the training captions' store: a prompt seen in training gets the very rows training read; the LLM's
             # weights are loaded only if a prompt is new to it, and released before sampling
             store = (build_store(embedder.caption_llm, targets, args.text_cache_dir, device=device)
@@ -248,8 +250,7 @@ def main(argv=None):
         save_image(image.float() / 255, os.path.join(cli.out, name))
         names.append(name)
     if text:
-        with open(os.path.join(cli.out, "prompts.txt"), "w", encoding="utf-8") as f:
-            f.writelines(f"{name}: {targets[label]}\n" for name, label in zip(names, labels))
+        save_prompt_list(cli.out, names, [targets[label] for label in labels])
     print(f"wrote {len(images)} PNGs to {cli.out}")
 
 

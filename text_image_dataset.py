@@ -2,35 +2,54 @@
 
 A sample is (transform(PIL RGB image), caption_id); `dataset.captions` lists the captions and caption_id indexes
 it. Each caption is embedded once by the frozen LLM into the caption feature store (util/text_store.py), whose
-rows the model looks up by caption_id like a class label.
+rows the model looks up by caption_id like a class label. Images are decoded by util/data.load_rgb, the decoder of
+every data path (transparency over white, 16-bit rescaled).
 """
+import collections
 import os
 import re
+import unicodedata
 import warnings
 
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # matched in any case (.JPG, .Png, ...)
+from util.data import IMAGE_EXTENSIONS, load_rgb
+
 IMAGENET_CLASSES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "util", "imagenet_classes.txt")
+CAPTION_EXTENSION = ".txt"  # matched in any case (.TXT)
 
 
-def load_image(path):
-    with open(path, "rb") as f:
-        return Image.open(f).convert("RGB")
+def find_files(folder, extensions):
+    """Sorted paths relative to folder ('/'-separated) of the files under it, searched recursively (following
+    links), whose name ends with one of extensions in any case."""
+    found = []
+    for parent, _, names in os.walk(folder, followlinks=True):
+        found += [os.path.relpath(os.path.join(parent, name), folder).replace(os.sep, "/")
+                  for name in names if name.lower().endswith(extensions)]
+    return sorted(found)
+
+
+def match_key(relative_path):
+    """What pairs an image with its caption file: the relative path without extension, in NFC (macOS writes
+    decomposed names) and case-folded, as a case-insensitive disk (Windows, macOS) would compare the names."""
+    return unicodedata.normalize("NFC", os.path.splitext(relative_path)[0]).casefold()
 
 
 class TextImageDataset(Dataset):
-    """Images `<root>/images/*.{jpg,jpeg,png}` (extension in any case) captioned by `<root>/captions/<stem>.txt`.
+    """Images `<root>/images/**/<name>.<ext>` (util/data.IMAGE_EXTENSIONS, any case, in sub-folders too) captioned
+    by `<root>/captions/**/<name>.txt` at the same relative path (`images/x/a.jpg` <-> `captions/x/a.txt`).
 
-    A caption file holds one UTF-8 line (a BOM and surrounding whitespace are stripped). Problems found when the
-    dataset is built: an image without caption file, an empty caption, a caption file that cannot be read or is not
-    UTF-8 or has more than one non-empty line, a caption file without image. on_bad='error' (default) raises a
-    ValueError: one line naming the path for one problem, else a summary line and one line per problem; on_bad='skip' warns
-    once with the count and the paths, and drops those samples. The images themselves are decoded only in
-    __getitem__. Samples are in sorted file-name order; `.captions` are the distinct captions in order of first
-    appearance, `.samples` the (image path, caption_id) pairs, `.targets` the caption_ids.
+    Names match ignoring letter case and Unicode normalisation (`B.jpg` <-> `b.TXT`); two images whose names differ
+    only in extension or case (`a.jpg`, `a.png`) would share one caption file and are an error naming both, as are
+    two caption files differing only in case. A caption file holds one UTF-8 line (a BOM and surrounding whitespace
+    are stripped). Problems found when the dataset is built: an image without caption file, an empty caption, a
+    caption file that cannot be read or is not UTF-8 or has more than one non-empty line, a caption file without
+    image, the name clashes above. on_bad='error' (default) raises a ValueError: one line naming the path(s) for one
+    problem, else a summary line and one line per problem; on_bad='skip' warns once with the count and the paths,
+    and drops those samples. The images themselves are decoded only in __getitem__. Samples are in sorted
+    relative-path order; `.captions` are the distinct captions in order of first appearance, `.samples` the
+    (image path, caption_id) pairs, `.targets` the caption_ids.
     """
 
     def __init__(self, root, transform=None, on_bad="error"):
@@ -43,32 +62,51 @@ class TextImageDataset(Dataset):
         for folder in (image_dir, caption_dir):
             if not os.path.isdir(folder):
                 raise FileNotFoundError(f"TextImageDataset: {folder} is not a folder "
-                                        f"(expected {self.root}/images/*.jpg|jpeg|png and {self.root}/captions/*.txt)")
+                                        f"(expected {self.root}/images/*.jpg|png|... and {self.root}/captions/*.txt)")
 
-        images = sorted(name for name in os.listdir(image_dir)
-                        if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(image_dir, name)))
-        caption_files = sorted(name for name in os.listdir(caption_dir)
-                               if name.endswith(".txt") and os.path.isfile(os.path.join(caption_dir, name)))
-        image_stems = {os.path.splitext(name)[0] for name in images}
+        images = collections.defaultdict(list)  # match key -> relative paths, each in sorted order
+        for relative in find_files(image_dir, IMAGE_EXTENSIONS):
+            images[match_key(relative)].append(relative)
+        caption_files = collections.defaultdict(list)
+        for relative in find_files(caption_dir, (CAPTION_EXTENSION,)):
+            caption_files[match_key(relative)].append(relative)
+
+        def image_file(relative):
+            return os.path.join(image_dir, *relative.split("/"))
+
+        def caption_file(relative):
+            return os.path.join(caption_dir, *relative.split("/"))
 
         problems = []  # (path, reason)
         samples = []  # (image path, caption text)
-        for name in images:
-            image_path = os.path.join(image_dir, name)
-            caption_path = os.path.join(caption_dir, os.path.splitext(name)[0] + ".txt")
-            if not os.path.isfile(caption_path):
-                problems.append((image_path, f"no caption file {caption_path}"))
+        for key in sorted(images, key=lambda k: images[k][0]):
+            names, captions_of_key = images[key], caption_files.get(key, [])
+            if len(names) > 1:
+                caption = captions_of_key[0] if captions_of_key else os.path.splitext(names[0])[0] + ".txt"
+                problems.append((image_file(names[0]), f"{' and '.join(image_file(n) for n in names[1:])} "
+                                 f"would share its caption file {caption_file(caption)} (same name apart from "
+                                 f"extension or letter case); rename one"))
                 continue
-            caption, reason = self._read_caption(caption_path)
+            if not captions_of_key:
+                stem = os.path.splitext(names[0])[0]
+                problems.append((image_file(names[0]), f"no caption file {caption_file(stem + CAPTION_EXTENSION)}"))
+                continue
+            if len(captions_of_key) > 1:
+                problems.append((caption_file(captions_of_key[0]),
+                                 f"{' and '.join(caption_file(c) for c in captions_of_key[1:])} also caption "
+                                 f"{image_file(names[0])} (names differ only in letter case); keep one"))
+                continue
+            caption, reason = self._read_caption(caption_file(captions_of_key[0]))
             if reason is not None:
-                problems.append((caption_path, f"{reason} (caption of {image_path})"))
+                problems.append((caption_file(captions_of_key[0]), f"{reason} (caption of {image_file(names[0])})"))
                 continue
-            samples.append((image_path, caption))
-        for name in caption_files:
-            stem = os.path.splitext(name)[0]
-            if stem not in image_stems:
-                problems.append((os.path.join(caption_dir, name),
-                                 f"caption file without image (no {stem}.jpg|jpeg|png in {image_dir})"))
+            samples.append((image_file(names[0]), caption))
+        extensions = "|".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+        for key in sorted(set(caption_files) - set(images), key=lambda k: caption_files[k][0]):
+            for relative in caption_files[key]:
+                stem = os.path.splitext(relative)[0]
+                problems.append((caption_file(relative), f"caption file without image (no {stem}.{extensions} in "
+                                                         f"{image_dir})"))
 
         if problems:
             lines = [f"  {path}: {reason}" for path, reason in problems]
@@ -115,7 +153,7 @@ class TextImageDataset(Dataset):
 
     def __getitem__(self, index):
         path, caption_id = self.samples[index]
-        image = load_image(path)
+        image = load_rgb(path)
         if self.transform is not None:
             image = self.transform(image)
         return image, caption_id

@@ -1,6 +1,7 @@
 """Runs that survive: atomic checkpoints under SIGKILL, exact resume, SIGTERM preemption under torchrun, divergence,
 bad data and bad configuration."""
 import glob
+import io
 import os
 import re
 import signal
@@ -253,6 +254,8 @@ def test_image_modes_decode_to_correct_rgb(tmp_path):
     rgba[0, 0] = (10, 20, 30, 255)  # opaque pixel; the other one is fully transparent
     Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
     assert np.asarray(load_rgb(tmp_path / "rgba.png")).tolist() == [[[10, 20, 30], [255, 255, 255]]]
+    stored = io.BytesIO((tmp_path / "rgba.png").read_bytes())  # the bytes of a Hub data set row, no file on disk
+    assert np.asarray(load_rgb(stored)).tolist() == [[[10, 20, 30], [255, 255, 255]]]
     Image.fromarray(np.full((2, 2), 77, np.uint8), "L").save(tmp_path / "gray.png")
     assert np.asarray(load_rgb(tmp_path / "gray.png")).tolist() == [[[77] * 3] * 2] * 2
     Image.new("CMYK", (2, 2), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg", quality=100)
@@ -265,6 +268,38 @@ def test_image_modes_decode_to_correct_rgb(tmp_path):
     Image.new("RGB", (10, 12), (1, 2, 3)).save(tmp_path / "small.png")
     upscaled = train_transform(32)(load_rgb(tmp_path / "small.png"))
     assert upscaled.shape == (3, 32, 32) and upscaled.dtype == torch.uint8
+
+
+def test_a_transparent_png_decodes_the_same_on_every_path(tmp_path, make_args):
+    """Class training (ImageFolder), captioned training (TextImageDataset) and prepare_ref.py read one decoder:
+    a transparent region is white everywhere, never the colour hidden under alpha 0."""
+    import prepare_ref
+    from main_jit import build_dataset, build_train_loader
+    from text_image_dataset import TextImageDataset
+    rgba = np.zeros((32, 32, 4), np.uint8)  # hidden colour under the transparent half: black
+    rgba[:16, :] = (200, 30, 40, 255)  # opaque top half
+    rgba[8:16, :, 3] = 128  # a half-transparent band
+    expected = np.full((32, 32, 3), 255, np.uint8)
+    expected[:8] = (200, 30, 40)
+    expected[8:16] = np.round((np.array([200, 30, 40]) * 128 + 255 * 127) / 255)  # over white
+    for folder in ("class/train/c0", "text/images", "text/captions"):
+        (tmp_path / folder).mkdir(parents=True)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "class" / "train" / "c0" / "a.png")
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "text" / "images" / "a.png")
+    (tmp_path / "text" / "captions" / "a.txt").write_text("透明な背景の赤い帯", encoding="utf-8")
+
+    decoded = {}
+    for kind, text in (("class", False), ("text", True)):
+        args = make_args("--data_path", str(tmp_path / kind), "--batch_size", "1", "--num_workers", "0")
+        args.rank, args.world_size = 0, 1
+        images, _ = next(iter(build_train_loader(args, build_dataset(args, text))))  # the training loader's batch
+        decoded[kind] = images[0]
+    decoded["TextImageDataset"] = TextImageDataset(tmp_path / "text", transform=train_transform(32))[0][0]
+    decoded["prepare_ref"] = prepare_ref.CroppedImages(*prepare_ref.find_images(str(tmp_path / "text")), 32)[0]
+    for kind, image in decoded.items():
+        pixels = image.permute(1, 2, 0).numpy().astype(int)
+        assert image.dtype == torch.uint8 and np.abs(pixels - expected).max() <= 1, kind
+    assert all(torch.equal(decoded["class"], image) for image in decoded.values())
 
 
 @pytest.fixture

@@ -492,6 +492,94 @@ def test_text_image_dataset_skip(tmp_path):
         TextImageDataset(root, on_bad="ignore")
 
 
+def write_files(root, files):
+    """files: {path relative to root: caption text, or None for a small image}."""
+    for relative, caption in files.items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if caption is None:
+            write_image(path, (len(relative), 0, 0))
+        else:
+            path.write_text(caption, encoding="utf-8")
+    return root
+
+
+def relative_samples(ds):
+    return [(os.path.relpath(path, os.path.join(ds.root, "images")).replace(os.sep, "/"), ds.captions[cid])
+            for path, cid in ds.samples]
+
+
+def test_captions_match_in_any_case_and_in_sub_folders(tmp_path):
+    root = write_files(tmp_path / "ds", {
+        "images/B.jpg": None, "captions/b.txt": "大文字の画像",  # names differing in case only: one pair
+        "images/c.png": None, "captions/c.TXT": "拡張子が大文字",  # caption extension in any case
+        "images/a.webp": None, "captions/a.txt": "上の階層の a",  # every extension of util/data.IMAGE_EXTENSIONS
+        "images/x/a.jpg": None, "captions/x/a.txt": "x の中の a",  # nested: same relative path under captions/
+        "images/x/y/d.PNG": None, "captions/x/y/d.Txt": "二段下の d",
+        "captions/x/notes.md": "not a caption",
+    })
+    ds = TextImageDataset(root)
+    assert relative_samples(ds) == [("B.jpg", "大文字の画像"), ("a.webp", "上の階層の a"), ("c.png", "拡張子が大文字"),
+                                    ("x/a.jpg", "x の中の a"), ("x/y/d.PNG", "二段下の d")]
+    assert ds[3][1] == ds.captions.index("x の中の a")
+
+
+def test_two_images_sharing_one_caption_file_are_an_error_naming_both(tmp_path, make_args):
+    from main_jit import build_dataset
+    for images in (["a.jpg", "a.png"], ["a.jpg", "A.jpg"]):  # another extension, or another case of the name
+        root = write_files(tmp_path / images[1], {**{f"images/{n}": None for n in images}, "captions/a.txt": "猫",
+                                                  "images/b.jpg": None, "captions/b.txt": "犬"})
+        with pytest.raises(SystemExit) as info:
+            build_dataset(make_args("--data_path", str(root)), text=True)
+        message = str(info.value)
+        assert "\n" not in message and "would share its caption file" in message, message
+        assert all(str(root / "images" / name) in message for name in images)
+        assert str(root / "captions" / "a.txt") in message
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = TextImageDataset(root, on_bad="skip")  # both dropped: which one the caption describes is unknown
+        assert relative_samples(ds) == [("b.jpg", "犬")] and len(caught) == 1
+
+
+def test_caption_files_differing_only_in_case_are_an_error_naming_both(tmp_path):
+    root = write_files(tmp_path / "ds", {"images/a.jpg": None, "captions/a.txt": "猫", "captions/A.TXT": "犬"})
+    with pytest.raises(ValueError) as info:
+        TextImageDataset(root)
+    message = str(info.value)
+    assert "\n" not in message and "differ only in letter case" in message
+    assert str(root / "captions" / "a.txt") in message and str(root / "captions" / "A.TXT") in message
+
+
+def test_nested_image_without_its_nested_caption_is_reported(tmp_path):
+    root = write_files(tmp_path / "ds", {"images/x/a.jpg": None, "captions/a.txt": "猫",
+                                         "images/b.jpg": None, "captions/b.txt": "犬"})
+    with pytest.raises(ValueError) as info:
+        TextImageDataset(root)
+    lines = str(info.value).splitlines()
+    assert "2 problem(s)" in lines[0]
+    assert lines[1] == f"  {root / 'images' / 'x' / 'a.jpg'}: no caption file {root / 'captions' / 'x' / 'a.txt'}"
+    assert lines[2].startswith(f"  {root / 'captions' / 'a.txt'}: caption file without image (no a.jpg|jpeg|png|")
+
+
+def test_long_captions_are_counted_once_with_the_longest(tiny_llm_path, capsys):
+    from main_jit import report_truncated
+    enc = LLMTextEncoder(tiny_llm_path, hidden_size=16, max_text_len=8)
+    sentence = "a red apple on a wooden table and a goldfish swimming in a bowl"
+    prefixes = [sentence[:k] for k in range(1, len(sentence) + 1)]
+    at_limit = [p for p in prefixes if len(enc.tokenizer(p)["input_ids"]) == 8][0]  # exactly 8 tokens: not cut
+    captions = [at_limit, "一匹の黒い猫が窓辺で眠っている 一匹の黒い猫が窓辺で眠っている", "猫", sentence]
+    lengths = [len(ids) for ids in enc.tokenizer(captions)["input_ids"]]
+    assert lengths[0] == 8 and lengths[2] < 8 and min(lengths[1], lengths[3]) > 8
+    kept = enc.tokenize(captions)["attention_mask"].sum(1).tolist()
+    assert kept == [8, 8, lengths[2], 8]  # what the LLM reads: the count below is of those cut
+    assert report_truncated(enc.tokenizer, captions, 8, chunk=3) == (2, max(lengths))
+    assert capsys.readouterr().out.splitlines() == [
+        f"2 of 4 captions have more than --max_text_len 8 tokens (the longest {max(lengths)}): the LLM reads only "
+        f"their first 8"]
+    assert report_truncated(enc.tokenizer, [at_limit, "猫"], 8) == (0, 8)
+    assert capsys.readouterr().out == ""
+
+
 def test_imagenet_with_captions(tmp_path):
     names = imagenet_class_names()
     assert len(names) == 1000 and len(set(names)) == 1000 and names[1] == "goldfish"

@@ -1,7 +1,9 @@
 """-Text models end to end with a tiny local LLM, in both conditioning modes (pooled, tokens): caption store, CFG
 null, frozen LLM untouched, checkpoints without the LLM, sampling from prompts, main_jit.py training and evaluation on
 an images/ + captions/ folder."""
+import argparse
 import os
+import shlex
 import subprocess
 import sys
 
@@ -164,6 +166,79 @@ def caption_folder(tmp_path):
     return root
 
 
+def test_text_evaluation_requires_fid_stats_and_the_named_command_makes_them(caption_folder, make_args, tmp_path,
+                                                                           monkeypatch):
+    import prepare_ref
+    from main_jit import check_config
+    from util import fid
+    from util.crop import center_crop_arr
+    from util.data import load_rgb
+    os.makedirs(caption_folder / "images" / "sub")  # a nested pair is a training image too; captions/ holds none
+    Image.new("RGB", (40, 40), (9, 9, 9)).save(caption_folder / "images" / "sub" / "n.png")
+    (caption_folder / "captions" / "sub").mkdir()
+    (caption_folder / "captions" / "sub" / "n.txt").write_text("a gray square", encoding="utf-8")
+    Image.new("RGB", (40, 40), (250, 0, 0)).save(caption_folder / "captions" / "stray.png")
+    for flag in ("--online_eval", "--evaluate_gen"):
+        with pytest.raises(SystemExit) as info:
+            check_config(make_args("--model", "JiT-T/4-Text", "--data_path", str(caption_folder), flag,
+                                   "--output_dir", str(tmp_path / "out")))
+        message = str(info.value)
+        assert "\n" not in message and message.startswith("--fid_stats: a -Text model is measured against its own")
+    command = message.split("with python prepare_ref.py ")[1].split(", then")[0]
+    assert command == f"--data_path {caption_folder} --img_size 32 --stats_out <file>.npz"
+
+    stats = tmp_path / "stats.npz"
+    monkeypatch.setattr(fid, "load_inception", lambda *a: argparse.Namespace(source="stub"))
+    monkeypatch.setattr(fid, "inception_features", lambda net, batch, bs: (batch.flatten(1)[:, :2048].double(), None))
+    prepare_ref.main(prepare_ref.get_args_parser().parse_args(
+        shlex.split(command.replace("<file>.npz", str(stats))) + ["--num_workers", "0", "--device", "cpu"]))
+    files = sorted(str(p) for p in (caption_folder / "images").rglob("*.png"))
+    assert len(files) == 9  # the 8 images and the nested one, not captions/stray.png
+    crops = np.stack([np.asarray(center_crop_arr(load_rgb(f), 32)).transpose(2, 0, 1).reshape(-1)[:2048] for f in files])
+    np.testing.assert_allclose(fid.load_stats(str(stats))["mu"], crops.mean(0))
+    args = make_args("--model", "JiT-T/4-Text", "--data_path", str(caption_folder), "--online_eval",
+                     "--fid_stats", str(stats), "--output_dir", str(tmp_path / "out"))
+    check_config(args)  # accepted
+    assert args.fid_stats == str(stats)
+
+
+def test_default_eval_prompts_are_a_seeded_sample_written_beside_the_results(caption_folder, text_args, tmp_path,
+                                                                           monkeypatch, capsys):
+    import engine_jit
+    from main_jit import build_dataset, check_config, sample_eval_prompts, setup_captions
+    from util import fid
+    stats, out = tmp_path / "stats.npz", tmp_path / "out"
+    fid.save_stats(stats, {"mu": np.zeros(2048), "sigma": np.eye(2048)})
+    args = text_args("--data_path", str(caption_folder), "--online_eval", "--fid_stats", str(stats), "--output_dir",
+                     str(out), "--num_images", "10", "--seed", "3", "--save_png", "--num_sampling_steps", "1",
+                     "--gen_bsz", "5", "--max_text_len", "4")
+    check_config(args)
+    dataset = build_dataset(args, text=True)
+    model = Denoiser(args)
+    eval_ids = setup_captions(args, model, dataset)
+    captions = model.net.y_embedder.captions
+    printed = capsys.readouterr().out
+    assert "of 4 captions have more than --max_text_len 4 tokens (the longest" in printed
+    assert "4 distinct captions, 8 evaluation prompts (captions of random training images, --seed 3)" in printed
+    # 10 images wanted, 8 training images: every image's caption once, in a seeded order (each caption is on two
+    # images, so it is drawn twice: the prompts follow the data set's caption frequencies, as its FID reference)
+    assert sorted(eval_ids) == sorted(dataset.targets) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert eval_ids == sample_eval_prompts(dataset, 10, 3) != sample_eval_prompts(dataset, 10, 4)
+    assert eval_ids != dataset.targets  # not the file-name order
+    five = sample_eval_prompts(dataset, 5, 3)
+    assert len(five) == 5 and five == sample_eval_prompts(dataset, 5, 3)
+    assert (out / "eval_prompts.txt").read_text(encoding="utf-8").splitlines() == [captions[i] for i in eval_ids]
+
+    monkeypatch.setattr(fid, "inception_features", lambda net, images: (torch.randn(len(images), 2048), None))
+    monkeypatch.setattr(fid, "fid_from_stats", lambda stats1, stats2: 12.5)  # skip a 2048-d eigvals
+    engine_jit.evaluate(model, args, 0, None, torch.device("cpu"), argparse.Namespace(source="stub"), eval_ids)
+    png_dir = out / "images_epoch0_cfg1_ema1"
+    names = [f"{n:06d}_prompt{n % 8}.png" for n in range(10)]  # image n is drawn for prompt n % 8
+    assert sorted(os.listdir(png_dir)) == names + ["prompts.txt"]
+    assert (png_dir / "prompts.txt").read_text(encoding="utf-8").splitlines() == [
+        f"{name}: {captions[eval_ids[n % 8]]}" for n, name in enumerate(names)]
+
+
 @pytest.mark.slow
 def test_main_trains_and_evaluates_a_text_model(caption_folder, tiny_llm_path, tmp_path):
     from util import fid
@@ -175,7 +250,7 @@ def test_main_trains_and_evaluates_a_text_model(caption_folder, tiny_llm_path, t
     result = subprocess.run(common + ["--epochs", "2", "--warmup_epochs", "1", "--log_freq", "1"],
                             cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr
-    assert "4 distinct captions, 4 evaluation prompts" in result.stdout + result.stderr
+    assert "4 distinct captions, 8 evaluation prompts (captions of random training images, --seed 0)" in result.stdout
     assert len(os.listdir(tmp_path / "cache" / "text_features")) == 1
     ckpt = read_checkpoint(out / "checkpoint-last.pth")
     assert ckpt["epoch"] == 1 and not any("llm" in k for k in ckpt["model"])
@@ -290,7 +365,8 @@ def test_training_and_sampling_read_the_same_rows(text_args, tmp_path):
     for mode in ("pooled", "tokens"):
         args = text_args("--text_conditioning", mode, "--text_cache_dir", str(tmp_path / "stores"))
         trained = Denoiser(args)
-        setup_captions(args, trained, type("Data", (), {"captions": CAPTIONS})())
+        dataset = type("Data", (), {"captions": CAPTIONS, "samples": [("0.png", 0)]})()  # as build_dataset's
+        setup_captions(args, trained, dataset)
         sampler = Denoiser(args)
         prompts = ["a new prompt", CAPTIONS[3], CAPTIONS[1]]
         sampler.net.y_embedder.set_captions(prompts, build_store(sampler.net.y_embedder.caption_llm, prompts,

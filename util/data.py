@@ -14,8 +14,14 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from util.crop import center_crop_arr
+
+# the image files of every data path, matched in any case (.JPG, .Png): torchvision's list, because ImageFolder
+# (class models, ImageNetWithCaptions) applies it and cannot be given another; TextImageDataset and prepare_ref.py
+# use it too, so a folder trains and is measured on the same files
+IMAGE_EXTENSIONS = IMG_EXTENSIONS
 
 
 def load_rgb(source):
