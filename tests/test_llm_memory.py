@@ -27,7 +27,7 @@ def text_args(make_args, llm, tmp_path, *extra):
 def start(args, captions=CAPTIONS):
     """main_jit's start-up of a -Text model: the Denoiser, then its captions (the store built where missing)."""
     model = Denoiser(args)
-    setup_captions(args, model, types.SimpleNamespace(captions=list(captions)))
+    setup_captions(args, model, types.SimpleNamespace(captions=list(captions), samples=[(None, i) for i in range(len(captions))]))
     gc.collect()
     return model
 

@@ -563,7 +563,7 @@ def test_nested_image_without_its_nested_caption_is_reported(tmp_path):
 
 def test_long_captions_are_counted_once_with_the_longest(tiny_llm_path, capsys):
     from main_jit import report_truncated
-    enc = LLMTextEncoder(tiny_llm_path, hidden_size=16, max_text_len=8)
+    enc = CaptionLLM(tiny_llm_path, max_text_len=8)
     sentence = "a red apple on a wooden table and a goldfish swimming in a bowl"
     prefixes = [sentence[:k] for k in range(1, len(sentence) + 1)]
     at_limit = [p for p in prefixes if len(enc.tokenizer(p)["input_ids"]) == 8][0]  # exactly 8 tokens: not cut
