@@ -11,7 +11,6 @@ from tqdm import tqdm
 import util.misc as misc
 from util import fid
 from util.lr_sched import adjust_learning_rate
-from util.preemption import Preempted
 
 
 def to_model_input(images_uint8, device):
@@ -51,9 +50,9 @@ def train_step(model, model_without_ddp, optimizer, x, labels, precision):
 
 
 def train_one_epoch(model, model_without_ddp, data_loader, optimizer, device, epoch, log_writer, args,
-                    start_step=0, stop_requests=None, save_for_resume=None):
-    """Train from step start_step of the epoch to its end. After every step the ranks agree (stop_requests) on a
-    periodic save (--save_every_minutes) or a preemption (save, then raise Preempted)."""
+                    start_step=0, stop_requests=None):
+    """Train from step start_step of the epoch until its end, or until the ranks agree (stop_requests, polled after
+    every step) to save: returns (why, next_step), why being "done", "save" (--save_every_minutes) or "preempted"."""
     model.train(True)
     steps_per_epoch = data_loader.sampler.num_samples // args.batch_size
     no_bad_step = 2 ** 62
@@ -88,10 +87,9 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, device, ep
         if stop_requests is not None:
             preempt, periodic = stop_requests.poll()
             if preempt or periodic:
-                check_finite(first_bad_step, epoch)  # never write a checkpoint with diverged weights
-                saved = save_for_resume(epoch, step + 1)
-            if preempt:
-                raise Preempted(f"epoch {epoch} step {step + 1}", saved)
+                check_finite(first_bad_step, epoch)  # the caller saves: never a checkpoint with diverged weights
+                return "preempted" if preempt else "save", step + 1
+    return "done", steps_per_epoch
 
 
 @torch.no_grad()
@@ -186,10 +184,11 @@ def save_grid(images, path, captions=None, nrow=8):
             f.writelines(f"row {i // nrow} col {i % nrow}: {caption}\n" for i, caption in enumerate(captions))
 
 
-def evaluate(model_without_ddp, args, epoch, log_writer, device, inception, label_ids, cfg=None, ema_track=None):
-    """Generate num_images samples cycling through label_ids with an EMA track; FID (and IS) on rank 0. With
-    --save_png, image n is <n>_class<label>.png, or for -Text models <n>_prompt<n % len(label_ids)>.png listed
-    with its prompt in the folder's prompts.txt."""
+def evaluate(model_without_ddp, args, epoch, log_writer, device, inception, ref_stats, label_ids, cfg=None,
+             ema_track=None):
+    """Generate num_images samples cycling through label_ids with an EMA track; FID against ref_stats (the loaded
+    --fid_stats) and IS on rank 0. With --save_png, image n is <n>_class<label>.png, or for -Text models
+    <n>_prompt<n % len(label_ids)>.png listed with its prompt in the folder's prompts.txt."""
     cfg = args.cfg if cfg is None else cfg
     ema_track = args.eval_ema if ema_track is None else ema_track
     rank, world_size = misc.get_rank(), misc.get_world_size()
@@ -236,7 +235,7 @@ def evaluate(model_without_ddp, args, epoch, log_writer, device, inception, labe
         return None
     grid_path = os.path.join(args.output_dir, f"samples_{tag}.png")
     save_grid(torch.cat(grid), grid_path, [captions[i] for i in grid_labels] if captions else None)
-    metrics = fid.compute_metrics(pool_features, logits, args.fid_stats, inception.source)
+    metrics = fid.compute_metrics(pool_features, logits, ref_stats, inception.source)
     isc = metrics["inception_score"]
     print(f"[{tag}] FID {metrics['fid']:.4f}  IS {'n/a' if isc is None else f'{isc:.2f}'}  "
           f"({len(pool_features)} images, Inception: {inception.source}; grid: {grid_path})")
@@ -247,12 +246,13 @@ def evaluate(model_without_ddp, args, epoch, log_writer, device, inception, labe
     return metrics
 
 
-def evaluate_sweep(model_without_ddp, args, epoch, log_writer, device, inception, label_ids):
+def evaluate_sweep(model_without_ddp, args, epoch, log_writer, device, inception, ref_stats, label_ids):
     """Evaluate every (cfg, EMA track) pair of --sweep_cfg x --sweep_ema (defaults: --cfg x --eval_ema)."""
     results = []
     for ema_track in args.sweep_ema or [args.eval_ema]:
         for cfg in args.sweep_cfg or [args.cfg]:
-            metrics = evaluate(model_without_ddp, args, epoch, log_writer, device, inception, label_ids, cfg, ema_track)
+            metrics = evaluate(model_without_ddp, args, epoch, log_writer, device, inception, ref_stats, label_ids, cfg,
+                               ema_track)
             results.append((cfg, ema_track, metrics))
     if misc.is_main_process() and len(results) > 1:
         print("cfg    ema   FID       IS")

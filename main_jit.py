@@ -1,7 +1,6 @@
 """JiT training and evaluation entry point: `torchrun --nproc_per_node=N main_jit.py ...` or `python main_jit.py ...`."""
 import argparse
 import atexit
-import functools
 import os
 import random
 import shlex
@@ -29,7 +28,7 @@ from util.checkpoint import (load_checkpoint, read_checkpoint, remove_stale_temp
                              rng_state, save_checkpoint, set_rng_state)
 from util.data import ImageSamples, ResumableSampler, UnreadableImage, check_data, holdout_split, train_transform
 from util.hf_data import HFImages, is_hf_source
-from util.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequests, ignore_stop_signals, stop_loader_workers
+from util.preemption import PREEMPTED_EXIT_CODE, StopRequests, ignore_stop_signals, stop_loader_workers
 from util.shards import ShardDataset, is_shard_folder
 from util.text_store import build_store
 
@@ -359,9 +358,9 @@ def setup_captions(args, model_without_ddp, dataset, val_captions=()):
     return eval_ids
 
 
-def check_resume_compatible(args, path):
-    """The checkpoint's model, image size and class count must be this run's (one line naming the flags)."""
-    saved = read_checkpoint(path).get("args")
+def check_resume_compatible(args, path, saved):
+    """The checkpoint's model, image size and class count (its saved args) must be this run's (one line naming the
+    flags)."""
     for flag in ("model", "img_size", "class_num"):
         ours, theirs = getattr(args, flag), getattr(saved, flag, None)
         if theirs is not None and theirs != ours and not (flag == "class_num" and is_text_model(args)):
@@ -377,8 +376,9 @@ def resume(args, model_without_ddp, optimizer):
             if args.resume:
                 print(f"--resume {args.resume}: no checkpoint-last.pth there yet; starting from scratch")
             return args.start_epoch, 0
-        check_resume_compatible(args, path)
-        checkpoint = load_checkpoint(model_without_ddp, path)
+        checkpoint = read_checkpoint(path)  # once: it holds the weights, both EMA tracks and the optimizer state
+        check_resume_compatible(args, path, checkpoint.get("args"))
+        load_checkpoint(model_without_ddp, path, checkpoint)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(str(e))
     if "optimizer" in checkpoint and not args.evaluate_gen:
@@ -426,6 +426,17 @@ def save_for_resume(args, model_without_ddp, optimizer, stop_requests, epoch, ne
     return saved[0]
 
 
+def exit_preempted(signal_name, epoch, next_step, saved):
+    """After the preemption checkpoint: exit with PREEMPTED_EXIT_CODE (requeue) when it was written, else with 1 (a
+    requeued run would not continue from this step)."""
+    where = f"preempted ({signal_name}) at epoch {epoch} step {next_step}"
+    if not saved:
+        raise SystemExit(f"{where}: checkpoint-last.pth could not be written (see the error above); exiting with "
+                         f"status 1")
+    print(f"{where}: checkpoint-last.pth saved; exiting with status {PREEMPTED_EXIT_CODE}", force=True)
+    sys.exit(PREEMPTED_EXIT_CODE)
+
+
 def distribute(model, device):
     """DDP, which broadcasts rank 0's weights, then rank 0's EMA tracks too: they are not module state, and each rank
     built its own from its own seed (the release copies its EMA after DDP's broadcast). Without this every rank but
@@ -449,7 +460,9 @@ def check_output_dir(output_dir):
 
 
 def check_config(args):
-    """Flag values that cannot work, reported before any work."""
+    """Flag values that cannot work, reported before any work. Returns the --fid_stats statistics when the run
+    evaluates (read here once, for every evaluation of the run), else None."""
+    ref_stats = None
     patch_size = JiT_models[args.model].keywords["patch_size"]
     if args.img_size % patch_size != 0:
         raise SystemExit(f"--img_size {args.img_size} is not a multiple of the patch size {patch_size} of {args.model}")
@@ -463,7 +476,7 @@ def check_config(args):
         args.fid_stats = args.fid_stats or os.path.join(
             os.path.dirname(os.path.abspath(__file__)), "fid_stats", f"jit_in{args.img_size}_stats.npz")
         try:
-            fid.load_stats(args.fid_stats)  # fail now, not after hours of training
+            ref_stats = fid.load_stats(args.fid_stats)  # fail now, not after hours of training
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"--fid_stats: {e}")
     if not 0 <= args.val_fraction < 1:
@@ -471,11 +484,12 @@ def check_config(args):
     if args.val_fraction and args.val_path:
         raise SystemExit(f"--val_path {args.val_path} and --val_fraction {args.val_fraction}: give one of the two")
     check_output_dir(args.output_dir)
+    return ref_stats
 
 
 def main(args):
     misc.init_distributed_mode(args)
-    check_config(args)
+    ref_stats = check_config(args)
     device = misc.resolve_device(args)
     args.precision = misc.resolve_precision(args.precision, device)
     misc.keep_freed_cpu_memory(device)
@@ -517,7 +531,8 @@ def main(args):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             inception = fid.load_inception(args.inception_weights, device)
     if args.evaluate_gen:
-        evaluate_sweep(model_without_ddp, args, start_epoch - 1, log_writer, device, inception, eval_label_ids)
+        evaluate_sweep(model_without_ddp, args, start_epoch - 1, log_writer, device, inception, ref_stats,
+                       eval_label_ids)
         return
 
     data_loader = build_train_loader(args, dataset)
@@ -526,37 +541,39 @@ def main(args):
     if args.distributed:
         model = distribute(model_without_ddp, device)
     stop_requests = StopRequests(args.save_every_minutes)
-    save = functools.partial(save_for_resume, args, model_without_ddp, optimizer, stop_requests,
-                             steps_per_epoch=steps_per_epoch)
 
     print(f"training epochs {start_epoch}..{args.epochs - 1}")
     start_time = time.time()
     last_saved = True  # whether the latest checkpoint-last.pth write (the last epoch's, at the end) succeeded
     for epoch in range(start_epoch, args.epochs):
-        first_step = start_step if epoch == start_epoch else 0
-        data_loader.sampler.set_epoch(epoch, start_index=first_step * args.batch_size)
-        try:
-            train_one_epoch(model, model_without_ddp, data_loader, optimizer, device, epoch, log_writer, args,
-                            start_step=first_step, stop_requests=stop_requests, save_for_resume=save)
-        except Preempted as e:
-            if not e.saved:
-                raise SystemExit(f"preempted ({stop_requests.signal_received}) at {e}: checkpoint-last.pth could "
-                                 f"not be written (see the error above); exiting with status 1")
-            print(f"preempted ({stop_requests.signal_received}) at {e}: checkpoint-last.pth saved; "
-                  f"exiting with status {PREEMPTED_EXIT_CODE}", force=True)
-            sys.exit(PREEMPTED_EXIT_CODE)
-        except UnreadableImage as e:  # the one-line message, without the (worker's) traceback
-            raise SystemExit(e.line) from None
+        step = start_step if epoch == start_epoch else 0
+        while step < steps_per_epoch:  # train_one_epoch returns before the epoch's end when the ranks agree to save
+            # a new loader iterator from `step` yields the batches an unbroken epoch would: the sampler's order is
+            # seeded by the epoch, the crop is deterministic and the flip is drawn on the device
+            data_loader.sampler.set_epoch(epoch, start_index=step * args.batch_size)
+            try:
+                why, step = train_one_epoch(model, model_without_ddp, data_loader, optimizer, device, epoch,
+                                            log_writer, args, start_step=step, stop_requests=stop_requests)
+            except UnreadableImage as e:  # the one-line message, without the (worker's) traceback
+                raise SystemExit(e.line) from None
+            if why != "done":
+                saved = save_for_resume(args, model_without_ddp, optimizer, stop_requests, epoch, step,
+                                        steps_per_epoch)
+            if why == "preempted":
+                exit_preempted(stop_requests.signal_received, epoch, step, saved)
         if val_loader is not None:
             validate(model_without_ddp, val_loader, device, epoch, log_writer, args, (epoch + 1) * steps_per_epoch)
         last_epoch = epoch + 1 == args.epochs
         if epoch % args.save_last_freq == 0 or last_epoch:
-            last_saved = save(epoch, steps_per_epoch)
+            last_saved = save_for_resume(args, model_without_ddp, optimizer, stop_requests, epoch, steps_per_epoch,
+                                         steps_per_epoch)
         if epoch % 100 == 0 and epoch > 0:
-            save(epoch, steps_per_epoch, name=str(epoch))
+            save_for_resume(args, model_without_ddp, optimizer, stop_requests, epoch, steps_per_epoch, steps_per_epoch,
+                            name=str(epoch))
         if args.online_eval and (epoch % args.eval_freq == 0 or last_epoch):
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                evaluate_sweep(model_without_ddp, args, epoch, log_writer, device, inception, eval_label_ids)
+                evaluate_sweep(model_without_ddp, args, epoch, log_writer, device, inception, ref_stats,
+                               eval_label_ids)
         if log_writer is not None:
             log_writer.flush()
     print(f"training time {time.strftime('%H:%M:%S', time.gmtime(time.time() - start_time))}")

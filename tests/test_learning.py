@@ -64,12 +64,13 @@ def train_and_evaluate(digits, tmp_path, seed=0, epochs=5):
         initial = [p.detach().clone() for p in model.parameters()]
         optimizer = misc.build_optimizer(model, args.lr, args.weight_decay, CPU)
         loader = build_train_loader(args, build_dataset(args, text=False))
+        ref_stats = fid.load_stats(stats)
         with torch.random.fork_rng(devices=[]):
-            untrained = evaluate(model, args, -1, None, CPU, inception, list(range(10)), cfg=1.0)["fid"]
+            untrained = evaluate(model, args, -1, None, CPU, inception, ref_stats, list(range(10)), cfg=1.0)["fid"]
         for epoch in range(epochs):
             loader.sampler.set_epoch(epoch)
             train_one_epoch(model, model, loader, optimizer, CPU, epoch, None, args)
-        trained = {cfg: evaluate(model, args, epochs, None, CPU, inception, list(range(10)), cfg=cfg)["fid"]
+        trained = {cfg: evaluate(model, args, epochs, None, CPU, inception, ref_stats, list(range(10)), cfg=cfg)["fid"]
                    for cfg in (1.0, 2.0)}
     return untrained, trained, model, initial
 

@@ -212,7 +212,7 @@ def test_default_eval_prompts_are_a_seeded_sample_written_beside_the_results(cap
     args = text_args("--data_path", str(caption_folder), "--online_eval", "--fid_stats", str(stats), "--output_dir",
                      str(out), "--num_images", "10", "--seed", "3", "--save_png", "--num_sampling_steps", "1",
                      "--gen_bsz", "5", "--max_text_len", "4")
-    check_config(args)
+    ref_stats = check_config(args)
     dataset = build_dataset(args, text=True)
     model = Denoiser(args)
     eval_ids = setup_captions(args, model, dataset)
@@ -231,7 +231,8 @@ def test_default_eval_prompts_are_a_seeded_sample_written_beside_the_results(cap
 
     monkeypatch.setattr(fid, "inception_features", lambda net, images: (torch.randn(len(images), 2048), None))
     monkeypatch.setattr(fid, "fid_from_stats", lambda stats1, stats2: 12.5)  # skip a 2048-d eigvals
-    engine_jit.evaluate(model, args, 0, None, torch.device("cpu"), argparse.Namespace(source="stub"), eval_ids)
+    engine_jit.evaluate(model, args, 0, None, torch.device("cpu"), argparse.Namespace(source="stub"),
+                       ref_stats, eval_ids)
     png_dir = out / "images_epoch0_cfg1_ema1"
     names = [f"{n:06d}_prompt{n % 8}.png" for n in range(10)]  # image n is drawn for prompt n % 8
     assert sorted(os.listdir(png_dir)) == names + ["prompts.txt"]

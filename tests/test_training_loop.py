@@ -1,5 +1,6 @@
 """What main_jit.py's training loop actually does: the learning rate that reaches AdamW at every step, the random
-horizontal flip (axis, rate, resume, --no_hflip), and an online evaluation that leaves the training RNG alone."""
+horizontal flip (axis, rate, resume, periodic saves, --no_hflip), an online evaluation that leaves the training RNG
+alone, and a run that reads its checkpoint and statistics files once."""
 import builtins
 import math
 import os
@@ -126,6 +127,8 @@ def flip_kinds(batches, images):
 
 
 def test_training_flips_left_right_identically_on_resume(image_folder, tmp_path, monkeypatch):
+    from test_resilience import assert_same_checkpoint
+
     root, images = image_folder
     uninterrupted = training_inputs(root, tmp_path / "a", monkeypatch, "--epochs", 2)
     kinds = flip_kinds(uninterrupted, images)
@@ -138,6 +141,19 @@ def test_training_flips_left_right_identically_on_resume(image_folder, tmp_path,
     assert len(first) == len(resumed) == 4
     for a, b in zip(uninterrupted, first + resumed, strict=True):
         assert torch.equal(a, b)
+
+    # --save_every_minutes: train_one_epoch returns to main after every step here; main saves and restarts the
+    # loader (2 persistent workers) at the next step: the same images, flips and final weights
+    saves = []
+    save = main_jit.save_checkpoint
+    monkeypatch.setattr(main_jit, "save_checkpoint", lambda path, *a, **k: saves.append(path) or save(path, *a, **k))
+    saving = training_inputs(root, tmp_path / "d", monkeypatch, "--epochs", 2, "--num_workers", 2,
+                             "--save_every_minutes", 1e-6)
+    assert len(saves) == 10  # 2 epochs x 4 steps, then the end of each epoch
+    for a, b in zip(uninterrupted, saving, strict=True):
+        assert torch.equal(a, b)
+    assert_same_checkpoint(read_checkpoint(tmp_path / "a" / "checkpoint-last.pth"),
+                           read_checkpoint(tmp_path / "d" / "checkpoint-last.pth"))
 
     no_flip = training_inputs(root, tmp_path / "c", monkeypatch, "--epochs", 2, "--no_hflip")
     assert flip_kinds(no_flip, images) == ["plain"] * 32
@@ -186,3 +202,24 @@ def test_online_eval_then_kill_and_resume_equals_uninterrupted_run(image_folder,
     assert losses == expected
     assert_same_checkpoint(read_checkpoint(tmp_path / "ref" / "checkpoint-last.pth"),
                            read_checkpoint(out / "checkpoint-last.pth"))
+
+
+def test_a_run_reads_its_checkpoint_and_fid_stats_once(tmp_path, monkeypatch):
+    """A run evaluating a --resume checkpoint twice (two EMA tracks) opens the checkpoint once (resume() checks and
+    loads the one dict) and the --fid_stats file once (check_config loads it, every evaluation reuses it)."""
+    stats = tmp_path / "stats.npz"
+    fid.save_stats(stats, {"mu": np.zeros(2048), "sigma": np.eye(2048)})
+    checkpoint = tmp_path / "checkpoint-last.pth"
+    args = main_jit.get_args_parser().parse_args(TINY)
+    model = Denoiser(args)
+    main_jit.save_checkpoint(checkpoint, model, misc.build_optimizer(model, 1e-4, 0.0, torch.device("cpu")), 0, args)
+    opened = []
+    torch_load, np_load = torch.load, np.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: opened.append(str(f)) or torch_load(f, *a, **k))
+    monkeypatch.setattr(np, "load", lambda f, *a, **k: opened.append(str(f)) or np_load(f, *a, **k))
+    run_main(["--evaluate_gen", "--resume", tmp_path, "--output_dir", tmp_path / "eval", "--sweep_ema", "1,2",
+              "--fid_stats", stats, "--num_images", 2, "--gen_bsz", 2, "--num_sampling_steps", 1,
+              "--sampling_method", "euler"], monkeypatch)
+    assert opened.count(str(checkpoint)) == 1
+    assert opened.count(str(stats)) == 1
+    assert len(read_scalars(str(tmp_path / "eval"), "fid_cfg1_ema2")) == 1  # both evaluations ran

@@ -58,12 +58,13 @@ def check_text_encoder(denoiser, saved_fingerprint, path):
                          f"{encoder.fingerprint()} (--llm_model_name / --max_text_len)")
 
 
-def load_checkpoint(denoiser, path):
-    """Fill `denoiser` (weights and both EMA tracks) strictly from a checkpoint file; returns the checkpoint dict.
+def load_checkpoint(denoiser, path, checkpoint=None):
+    """Fill `denoiser` (weights and both EMA tracks) strictly from a checkpoint file, or from its dict already read
+    by read_checkpoint(path) (a checkpoint is read once per run); returns the checkpoint dict.
 
     A checkpoint without EMA entries (e.g. a bare {'model': ...}) initialises both tracks from its weights.
     """
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
     if "model" not in checkpoint:
         raise ValueError(f"{path}: not a JiT checkpoint (no 'model' entry; keys: {sorted(checkpoint)[:6]})")
     check_text_encoder(denoiser, checkpoint.get("text_encoder"), path)

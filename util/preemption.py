@@ -45,15 +45,6 @@ def stop_loader_workers():
             os.kill(child.pid, signal.SIGINT)
 
 
-class Preempted(Exception):
-    """Raised after the attempt to write the preemption checkpoint; main_jit.py exits with PREEMPTED_EXIT_CODE when
-    it was written (`saved`), else with 1: a requeued run would not continue from this step."""
-
-    def __init__(self, where, saved):
-        super().__init__(where)
-        self.saved = saved
-
-
 class StopRequests:
     """Agreement of every rank on when to save and stop, polled once per training step.
 
