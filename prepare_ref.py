@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import pil_to_tensor
-from tqdm import tqdm
 
 from util import fid
+from util.misc import progress
 from util.crop import center_crop_arr
 from util.shards import ShardDataset, is_shard_folder
 
@@ -123,7 +123,7 @@ def main(args):
         os.makedirs(args.png_dir, exist_ok=True)
     loader = DataLoader(images, batch_size=args.batch_size, num_workers=args.num_workers)
     if not args.stats_out:
-        for _ in tqdm(loader, total=len(loader), unit="batch", desc="PNG"):
+        for _ in progress(loader, total=len(loader), unit="batch", desc="PNG"):
             pass
         print(f"wrote {len(images)} PNGs to {args.png_dir}")
         return
@@ -134,7 +134,7 @@ def main(args):
         raise SystemExit(f"prepare_ref.py: error: {e}")
     print(f"Inception weights: {net.source}")
     running = fid.RunningStats()
-    with tqdm(total=len(images), unit="img", desc="Inception") as bar:
+    with progress(total=len(images), unit="img", desc="Inception") as bar:
         for batch in loader:
             pool, _ = fid.inception_features(net, batch, args.batch_size)
             running.update(pool)
