@@ -541,7 +541,7 @@ def main(args):
 def resume_note(output, train_dir):
     """What a rerun of the full demo did with the checkpoint it found, from main_jit.py's output: None for a fresh
     run, else one line (resumed at which epoch; 'no new steps' when it had already finished)."""
-    resumed = re.search(r"resumed from \S+ \(epoch (\d+)\); continuing at epoch (\d+)", output)
+    resumed = re.search(r"resumed from .+? \(epoch (\d+)\); continuing at epoch (\d+)", output)
     if not resumed:
         return None
     span = re.search(r"training epochs (\d+)\.\.(-?\d+)", output)

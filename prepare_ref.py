@@ -1,7 +1,7 @@
 """FID reference set: ADM-center-crop a folder of images, optionally dump them as PNGs, write the mu/sigma npz.
 
     python prepare_ref.py --data_path ./data/imagenet --img_size 256 --stats_out fid_stats/jit_in256_stats.npz
-    python prepare_ref.py --data_path ./data/imagenet --img_size 256 --png_dir ./data/imagenet_ref256
+    python prepare_ref.py --data_path ./data/imagenet --img_size 256 --png_dir ./data/imagenet_ref256  # PNGs only
 
 --data_path is an ImageFolder root (<path>/train/<class>/*.JPEG is used when <path>/train exists), any folder of
 images, searched recursively, or a folder of pre-cropped shards written by prepare_data.py (the same crops). Images are read as RGB and cropped with util/crop.py (the training crop), so the
@@ -28,7 +28,8 @@ def get_args_parser():
     parser = argparse.ArgumentParser("JiT FID reference", description=__doc__.split("\n")[0])
     parser.add_argument("--data_path", default="./data/imagenet", help="ImageFolder root or a folder of images")
     parser.add_argument("--img_size", default=256, type=int, help="side of the center crop")
-    parser.add_argument("--png_dir", default=None, help="write the cropped images here as uncompressed PNGs")
+    parser.add_argument("--png_dir", default=None, help="write the cropped images here as uncompressed PNGs "
+                                                          "(statistics only with --stats_out too)")
     parser.add_argument("--stats_out", default=None, help="write mu/sigma here, e.g. fid_stats/jit_in256_stats.npz")
     parser.add_argument("--batch_size", default=64, type=int, help="Inception batch size")
     parser.add_argument("--num_workers", default=2, type=int, help="DataLoader processes reading and cropping")
