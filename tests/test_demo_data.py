@@ -116,14 +116,14 @@ def test_quick_demo_end_to_end(tmp_path):
     assert "validation loss (50 held-out digits" in log
     assert Image.open(out / "digits_grid.png").size == (2 * 18 + 2, 10 * 18 + 2)  # one row per digit, 16 px
     assert "stage timings:" in log
-    assert "starts fresh" not in log and "resumed" not in log
+    assert "starts fresh" not in log and "note: resumed" not in log
 
     # a rerun trains again from scratch instead of resuming the finished checkpoint and calling it "trained"
     rerun = subprocess.run([sys.executable, "demo.py", "--quick", "--out", str(out), "--device", "cpu", "--epochs",
                             "1", "--fid_images", "10"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert f"--quick starts fresh: removed the previous run {out / 'train'}" in rerun.stdout
-    assert "resumed from" not in rerun.stdout and "training epochs 0..0" in rerun.stdout
+    assert "note: resumed" not in rerun.stdout and "training epochs 0..0" in rerun.stdout
     assert len(demo.read_scalars(str(out / "train"), "val_loss")) == 1
 
 
