@@ -28,6 +28,7 @@ from main_jit import get_args_parser as main_args_parser
 from model_jit import ATTN_IMPLS, JiT_models
 from util import benchmark
 from util.data import ImageSamples, train_transform
+from util.llm import check_llm_folder
 from util.misc import autocast, build_optimizer, keep_freed_cpu_memory, resolve_device
 from util.shards import ShardDataset
 
@@ -71,7 +72,9 @@ def get_parser():
                    help="profile one extra training step or generate() call and print the top operators")
     p.add_argument("--json_out", default=None, help="also write the JSON record to this file")
     p.add_argument("--text_llm", default=None, help="LLM folder or hub name: instead, time the -Text training step "
-                                                    "on cached caption features against the class step and the LLM")
+                                                    "on cached caption features against the class step and the LLM "
+                                                    "(SmolLM2-135M: python -m util.llm --out smollm2, then "
+                                                    "--text_llm smollm2)")
     p.add_argument("--text_conditioning", nargs="+", default=["pooled"], choices=["pooled", "tokens"],
                    help="with --text_llm: the text conditioning mode(s) to time, interleaved step by step with the "
                         "class-conditioned step (e.g. pooled tokens)")
@@ -284,6 +287,8 @@ def main(argv=None):
     """Runs a benchmark; leaves torch's thread count and RNG as it found them (main_jit's allocator setting stays
     applied on CPU unless --default_malloc: glibc has no way back to its dynamic defaults)."""
     args = get_parser().parse_args(argv)
+    if args.text_llm:
+        check_llm_folder(args.text_llm, flag="--text_llm")  # one line before any model is built
     log = lambda *a: print(*a, flush=True)  # noqa: E731
     threads = torch.get_num_threads()
     with torch.random.fork_rng(devices=[]):

@@ -6,7 +6,6 @@ import time
 import torch
 import torch.distributed as dist
 from torchvision.utils import save_image
-from tqdm import tqdm
 
 import util.misc as misc
 from util import fid
@@ -148,7 +147,7 @@ def generate_uint8(model_without_ddp, labels, device, args, on_batch, desc="samp
     model_without_ddp.eval()
     batches = labels.split(args.gen_bsz)
     steps = model_without_ddp.num_sampling_steps
-    with tqdm(total=len(batches) * steps, desc=f"{desc} ({len(batches)} x {steps} steps)", unit="step",
+    with misc.progress(total=len(batches) * steps, desc=f"{desc} ({len(batches)} x {steps} steps)", unit="step",
               disable=not misc.is_main_process()) as bar:
         for batch_labels in batches:
             with misc.autocast(device, args.precision):

@@ -133,7 +133,9 @@ def get_args_parser():
     # text-to-image (models named *-Text, or --use_text_conditioning)
     parser.add_argument("--use_text_conditioning", action="store_true",
                         help="condition on captions through a frozen LLM (implied by a model name ending in -Text)")
-    parser.add_argument("--llm_model_name", default="llm-jp/llm-jp-3-3.7b", help="hub name or local folder of the LLM")
+    parser.add_argument("--llm_model_name", default="llm-jp/llm-jp-3-3.7b",
+                        help="hub name or local folder of the LLM (offline SmolLM2-135M: python -m util.llm --out "
+                             "smollm2, then --llm_model_name smollm2)")
     parser.add_argument("--freeze_llm", default=True, action=argparse.BooleanOptionalAction,
                         help="keep the LLM frozen (captions embedded once and cached); --no-freeze_llm trains it")
     parser.add_argument("--max_text_len", default=77, type=int, help="caption tokens kept by the LLM tokenizer")

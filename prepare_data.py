@@ -16,9 +16,9 @@ import warnings
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
-from tqdm import tqdm
 
 from util.data import load_rgb, train_transform, unreadable_message
+from util.misc import progress as progress_bar
 from util.shards import INDEX_NAME, shard_name
 
 PROGRESS_NAME = "jit_shards.partial.json"
@@ -120,7 +120,7 @@ def main(args):
     done = [i for i in range(num_shards) if os.path.isfile(os.path.join(args.out, f"{shard_name(i)}.json"))]
     print(f"{len(samples)} images of {len(folder.classes)} classes from {train_dir} -> {num_shards} shards of "
           f"{args.img_size} px crops in {args.out}" + (f" ({len(done)} already written)" if done else ""))
-    with tqdm(total=len(samples), unit="img", initial=min(len(done) * args.shard_size, len(samples))) as bar:
+    with progress_bar(total=len(samples), unit="img", initial=min(len(done) * args.shard_size, len(samples))) as bar:
         for i in range(num_shards):
             if i not in done:
                 crops = Crops(samples[i * args.shard_size:(i + 1) * args.shard_size], args.img_size)

@@ -1,7 +1,7 @@
 """FID reference set: ADM-center-crop a folder of images, optionally dump them as PNGs, write the mu/sigma npz.
 
     python prepare_ref.py --data_path ./data/imagenet --img_size 256 --stats_out fid_stats/jit_in256_stats.npz
-    python prepare_ref.py --data_path ./data/imagenet --img_size 256 --png_dir ./data/imagenet_ref256
+    python prepare_ref.py --data_path ./data/imagenet --img_size 256 --png_dir ./data/imagenet_ref256  # PNGs only
 
 --data_path is an ImageFolder root (<path>/train/<class>/*.JPEG is used when <path>/train exists), a captioned
 -Text data set (<path>/images/ is used when <path>/images and <path>/captions exist), any folder of images, searched
@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import pil_to_tensor
-from tqdm import tqdm
 
 from util import fid
+from util.misc import progress
 from util.crop import center_crop_arr
 from util.data import IMAGE_EXTENSIONS, load_rgb
 from util.hf_data import HFImages, is_hf_source
@@ -36,7 +36,8 @@ def get_args_parser():
     parser.add_argument("--img_size", default=256, type=int, help="side of the center crop")
     parser.add_argument("--hf_split", default="train", help="split of a Hugging Face --data_path")
     parser.add_argument("--hf_image_column", default=None, help="image column (default: the one Image feature)")
-    parser.add_argument("--png_dir", default=None, help="write the cropped images here as uncompressed PNGs")
+    parser.add_argument("--png_dir", default=None, help="write the cropped images here as uncompressed PNGs "
+                                                          "(statistics only with --stats_out too)")
     parser.add_argument("--stats_out", default=None, help="write mu/sigma here, e.g. fid_stats/jit_in256_stats.npz")
     parser.add_argument("--batch_size", default=64, type=int, help="Inception batch size")
     parser.add_argument("--num_workers", default=2, type=int, help="DataLoader processes reading and cropping")
@@ -175,7 +176,7 @@ def main(args):
         os.makedirs(args.png_dir, exist_ok=True)
     loader = DataLoader(images, batch_size=args.batch_size, num_workers=args.num_workers)
     if not args.stats_out:
-        for _ in tqdm(loader, total=len(loader), unit="batch", desc="PNG"):
+        for _ in progress(loader, total=len(loader), unit="batch", desc="PNG"):
             pass
         print(f"wrote {len(images)} PNGs to {args.png_dir}")
         return
@@ -186,7 +187,7 @@ def main(args):
         raise SystemExit(f"prepare_ref.py: error: {e}")
     print(f"Inception weights: {net.source}")
     running = fid.RunningStats()
-    with tqdm(total=len(images), unit="img", desc="Inception") as bar:
+    with progress(total=len(images), unit="img", desc="Inception") as bar:
         for batch in loader:
             pool, _ = fid.inception_features(net, batch, args.batch_size)
             running.update(pool)

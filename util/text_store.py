@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 import util.misc as misc
 
@@ -177,7 +176,7 @@ class CaptionStore:
     def embed(self, llm, captions, batch_size=64, shard_bytes=SHARD_BYTES, progress=True):
         """Run the loaded LLM on `captions` (distinct, not yet stored) in batches; write a shard every shard_bytes."""
         pending_captions, pending_rows, pending_bytes = [], [], 0
-        with tqdm(total=len(captions), desc="embedding captions", unit="caption", disable=not progress) as bar:
+        with misc.progress(total=len(captions), desc="embedding captions", unit="caption", disable=not progress) as bar:
             for start in range(0, len(captions), batch_size):
                 chunk = captions[start:start + batch_size]
                 rows = llm.features(chunk)
