@@ -100,7 +100,7 @@ def test_quick_demo_end_to_end(tmp_path):
     here: see the README), the validation loss is printed every epoch and logged; a rerun starts fresh."""
     out = tmp_path / "quick"
     result = subprocess.run([sys.executable, "demo.py", "--quick", "--out", str(out), "--device", "cpu"], cwd=REPO,
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log = result.stdout
     untrained = re.search(r"untrained \(initial weights\)\s+FID\s+([0-9.]+)", log)
@@ -120,7 +120,7 @@ def test_quick_demo_end_to_end(tmp_path):
 
     # a rerun trains again from scratch instead of resuming the finished checkpoint and calling it "trained"
     rerun = subprocess.run([sys.executable, "demo.py", "--quick", "--out", str(out), "--device", "cpu", "--epochs",
-                            "1", "--fid_images", "10"], cwd=REPO, capture_output=True, text=True, timeout=600)
+                            "1", "--fid_images", "10"], cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert f"--quick starts fresh: removed the previous run {out / 'train'}" in rerun.stdout
     assert "note: resumed" not in rerun.stdout and "training epochs 0..0" in rerun.stdout
