@@ -315,15 +315,11 @@ def compute_metrics(pool, logits, ref_stats, inception_source=None, isc_splits=1
     }
 
 
-def compute_metrics_from_images(images, ref_stats, net=None, batch_size=64, progress=False, total=None):
-    """Single-process convenience: load the Inception network (unless given), extract features, compute_metrics."""
-    net = net if net is not None else load_inception()
-    pool, logits = inception_features(net, images, batch_size, progress, total)
-    return compute_metrics(pool, logits, ref_stats, net.source)
-
-
-def format_metrics(metrics):
-    """'FID 3.6600  IS 275.10  (Inception: torch-fidelity)', with IS 'n/a' when it is unavailable."""
+def format_metrics(metrics, count=None, grid=None):
+    """The one FID/IS line: 'FID 3.6600  IS 275.10  (50000 images, Inception: torch-fidelity; grid: <path>)', with
+    IS 'n/a' when it is unavailable and the image count and grid only when given (demo.py parses this line)."""
     isc = metrics["inception_score"]
-    return (f"FID {metrics['fid']:.4f}  IS {'n/a' if isc is None else f'{isc:.2f}'}  "
-            f"(Inception: {metrics.get('inception_source') or 'unspecified'})")
+    where = f"{count} images, " if count is not None else ""
+    where += f"Inception: {metrics.get('inception_source') or 'unspecified'}"
+    where += f"; grid: {grid}" if grid is not None else ""
+    return f"FID {metrics['fid']:.4f}  IS {'n/a' if isc is None else f'{isc:.2f}'}  ({where})"
