@@ -194,12 +194,9 @@ def build_shard_dataset(args, text):
         raise SystemExit(f"--data_path {args.data_path}: pre-cropped shards hold class labels only; -Text models "
                          f"train from images/ + captions/ or an ImageNet train/ folder")
     try:
-        dataset = ShardDataset(args.data_path)
+        dataset = ShardDataset(args.data_path, args.img_size)
     except ValueError as e:
         raise SystemExit(f"--data_path {e}")
-    if dataset.img_size != args.img_size:
-        raise SystemExit(f"--img_size {args.img_size}: --data_path {args.data_path} holds {dataset.img_size} px "
-                         f"crops (prepare_data.py --img_size)")
     if len(dataset.classes) > args.class_num:
         raise SystemExit(f"--class_num {args.class_num}: {args.data_path} has {len(dataset.classes)} classes, "
                          f"so labels would reach {len(dataset.classes) - 1}")
