@@ -66,7 +66,7 @@ def test_captioned_layout_with_japanese_and_english(digits_dir):
     japanese = sum(t.startswith("手書き") for t in texts.values())
     assert japanese == 899  # every even index
     dataset = TextImageDataset(str(root))  # the layout main_jit.py trains -Text models on
-    assert len(dataset) == 1797 and len(dataset.captions) == 20
+    assert len(dataset.samples) == 1797 and len(dataset.captions) == 20
 
 
 def test_materialisation_is_idempotent_and_subsets(digits_dir, tmp_path):
