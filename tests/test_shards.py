@@ -128,6 +128,8 @@ def test_shards_refuse_another_img_size_and_text_models(shards):
                       text=False)
     with pytest.raises(SystemExit, match="shards hold class labels only"):
         build_dataset(loader_args(shards), text=True)
+    with pytest.raises(SystemExit, match=r"^--class_num 2: .* has 3 class folders, so labels would reach 2"):
+        build_dataset(loader_args(shards, "--class_num", "2"), text=False)
     with pytest.raises(SystemExit, match="^prepare_ref.py: error: --data_path .* holds 32 px crops, not the "
                                          "--img_size 64"):
         prepare_ref.shard_images(prepare_ref.get_args_parser().parse_args(
