@@ -151,7 +151,8 @@ def run(cmd, env):
 
 
 def parse_evaluation(output):
-    """(FID, tag, grid path) from engine_jit.evaluate's line '[<tag>] FID 12.3456  IS ... grid: <path>)'."""
+    """(FID, tag, grid path) from engine_jit.evaluate's line '[<tag>] ' + util/fid.format_metrics(metrics, count,
+    grid): '[<tag>] FID 12.3456  IS ...  (... grid: <path>)'."""
     found = re.findall(r"\[(epoch[^\]]+)\] FID ([0-9.]+|nan|inf)\b.*?grid: ([^)]+)\)", output)
     if not found:
         raise SystemExit("demo.py: error: no FID line in the evaluation output")
@@ -164,7 +165,8 @@ def digit_grid(png_dir, path, per_row):
     import torch
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor
-    from torchvision.utils import save_image
+
+    from engine_jit import save_grid
 
     by_class = {d: [] for d in range(NUM_CLASSES)}
     for name in sorted(os.listdir(png_dir)):
@@ -175,7 +177,7 @@ def digit_grid(png_dir, path, per_row):
     images = [image for d in range(NUM_CLASSES) for image in by_class[d]]
     if len(images) != NUM_CLASSES * per_row:
         raise SystemExit(f"demo.py: error: expected {per_row} evaluation PNGs per digit in {png_dir}")
-    save_image(torch.stack(images).float() / 255, path, nrow=per_row)
+    save_grid(torch.stack(images), path, nrow=per_row)
 
 
 # ---------------------------------------------------------------------------------------------------------------

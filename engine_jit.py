@@ -235,13 +235,11 @@ def evaluate(model_without_ddp, args, epoch, log_writer, device, inception, ref_
     grid_path = os.path.join(args.output_dir, f"samples_{tag}.png")
     save_grid(torch.cat(grid), grid_path, [captions[i] for i in grid_labels] if captions else None)
     metrics = fid.compute_metrics(pool_features, logits, ref_stats, inception.source)
-    isc = metrics["inception_score"]
-    print(f"[{tag}] FID {metrics['fid']:.4f}  IS {'n/a' if isc is None else f'{isc:.2f}'}  "
-          f"({len(pool_features)} images, Inception: {inception.source}; grid: {grid_path})")
+    print(f"[{tag}] {fid.format_metrics(metrics, len(pool_features), grid_path)}")
     if log_writer is not None:
         log_writer.add_scalar(f"fid_cfg{cfg:g}_ema{ema_track}", metrics["fid"], epoch)
-        if isc is not None:
-            log_writer.add_scalar(f"is_cfg{cfg:g}_ema{ema_track}", isc, epoch)
+        if metrics["inception_score"] is not None:
+            log_writer.add_scalar(f"is_cfg{cfg:g}_ema{ema_track}", metrics["inception_score"], epoch)
     return metrics
 
 

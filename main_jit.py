@@ -182,8 +182,13 @@ def build_dataset(args, text):
         dataset = datasets.ImageFolder(train_dir)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--data_path {args.data_path}: {e}")
+    return check_class_num(args, dataset, train_dir)
+
+
+def check_class_num(args, dataset, where):
+    """Labels index the class embedding: a class past --class_num would run off its end."""
     if len(dataset.classes) > args.class_num:
-        raise SystemExit(f"--class_num {args.class_num}: {train_dir} has {len(dataset.classes)} class folders, "
+        raise SystemExit(f"--class_num {args.class_num}: {where} has {len(dataset.classes)} class folders, "
                          f"so labels would reach {len(dataset.classes) - 1}")
     return dataset
 
@@ -194,16 +199,10 @@ def build_shard_dataset(args, text):
         raise SystemExit(f"--data_path {args.data_path}: pre-cropped shards hold class labels only; -Text models "
                          f"train from images/ + captions/ or an ImageNet train/ folder")
     try:
-        dataset = ShardDataset(args.data_path)
+        dataset = ShardDataset(args.data_path, args.img_size)
     except ValueError as e:
         raise SystemExit(f"--data_path {e}")
-    if dataset.img_size != args.img_size:
-        raise SystemExit(f"--img_size {args.img_size}: --data_path {args.data_path} holds {dataset.img_size} px "
-                         f"crops (prepare_data.py --img_size)")
-    if len(dataset.classes) > args.class_num:
-        raise SystemExit(f"--class_num {args.class_num}: {args.data_path} has {len(dataset.classes)} classes, "
-                         f"so labels would reach {len(dataset.classes) - 1}")
-    return dataset
+    return check_class_num(args, dataset, args.data_path)
 
 
 def build_hf_dataset(args, text):

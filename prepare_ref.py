@@ -115,12 +115,9 @@ class ShardImages(Dataset):
 def shard_images(args):
     """ShardImages of --data_path, checked against --img_size, with the --max_images subset."""
     try:
-        shards = ShardDataset(args.data_path)
+        shards = ShardDataset(args.data_path, args.img_size)
     except ValueError as e:
-        raise SystemExit(f"prepare_ref.py: error: {e}")
-    if shards.img_size != args.img_size:
-        raise SystemExit(f"prepare_ref.py: error: --img_size {args.img_size}: {args.data_path} holds "
-                         f"{shards.img_size} px crops")
+        raise SystemExit(f"prepare_ref.py: error: --data_path {e}")
     indices = list(range(len(shards)))
     if args.max_images is not None and args.max_images < len(indices):
         indices = sorted(random.Random(0).sample(indices, args.max_images))

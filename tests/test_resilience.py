@@ -275,7 +275,6 @@ def test_a_transparent_png_decodes_the_same_on_every_path(tmp_path, make_args):
     a transparent region is white everywhere, never the colour hidden under alpha 0."""
     import prepare_ref
     from main_jit import build_dataset, build_train_loader
-    from text_image_dataset import TextImageDataset
     rgba = np.zeros((32, 32, 4), np.uint8)  # hidden colour under the transparent half: black
     rgba[:16, :] = (200, 30, 40, 255)  # opaque top half
     rgba[8:16, :, 3] = 128  # a half-transparent band
@@ -294,7 +293,6 @@ def test_a_transparent_png_decodes_the_same_on_every_path(tmp_path, make_args):
         args.rank, args.world_size = 0, 1
         images, _ = next(iter(build_train_loader(args, build_dataset(args, text))))  # the training loader's batch
         decoded[kind] = images[0]
-    decoded["TextImageDataset"] = TextImageDataset(tmp_path / "text", transform=train_transform(32))[0][0]
     decoded["prepare_ref"] = prepare_ref.CroppedImages(*prepare_ref.find_images(str(tmp_path / "text")), 32)[0]
     for kind, image in decoded.items():
         pixels = image.permute(1, 2, 0).numpy().astype(int)

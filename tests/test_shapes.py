@@ -40,7 +40,7 @@ def test_combinations_and_held_out():
 
 def test_dataset_layout_counts_and_captions(shapes_root):
     dataset = TextImageDataset(str(shapes_root))  # the layout main_jit.py trains -Text models on
-    assert len(dataset) == 168 and len(dataset.captions) == 84  # 42 combinations x 2 languages
+    assert len(dataset.samples) == 168 and len(dataset.captions) == 84  # 42 combinations x 2 languages
     per_combination = collections.Counter()
     languages = collections.Counter()
     for path, caption_id in dataset.samples:

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import prepare_data
+import prepare_ref
 from main_jit import build_dataset, build_train_loader, get_args_parser
 from util import fid
 from util.data import load_rgb, train_transform
@@ -122,11 +123,17 @@ def test_preparation_resumes_and_handles_bad_images(image_folder, shards, tmp_pa
 
 
 def test_shards_refuse_another_img_size_and_text_models(shards):
-    with pytest.raises(SystemExit, match="--img_size 64: --data_path .* holds 32 px crops"):
+    with pytest.raises(SystemExit, match="^--data_path .* holds 32 px crops, not the --img_size 64 asked for"):
         build_dataset(get_args_parser().parse_args(TINY[:2] + ["--img_size", "64", "--data_path", str(shards)]),
                       text=False)
     with pytest.raises(SystemExit, match="shards hold class labels only"):
         build_dataset(loader_args(shards), text=True)
+    with pytest.raises(SystemExit, match=r"^--class_num 2: .* has 3 class folders, so labels would reach 2"):
+        build_dataset(loader_args(shards, "--class_num", "2"), text=False)
+    with pytest.raises(SystemExit, match="^prepare_ref.py: error: --data_path .* holds 32 px crops, not the "
+                                         "--img_size 64"):
+        prepare_ref.shard_images(prepare_ref.get_args_parser().parse_args(
+            ["--data_path", str(shards), "--img_size", "64", "--stats_out", "x.npz"]))
 
 
 def train(data, out, *extra):

@@ -19,6 +19,7 @@ from torchvision.transforms import PILToTensor
 from model_jit import JiT_models
 from text_conditioning import CaptionLLM, TextEmbedder, TextProjection
 from text_image_dataset import ImageNetWithCaptions, TextImageDataset, imagenet_class_names
+from util.data import ImageSamples
 from util.llm import convert_gguf, find_smollm2_gguf
 from util.text_store import build_store, store_folder
 
@@ -410,14 +411,15 @@ GOOD = {"b.PNG": "猫の写真\n", "a.jpg": "犬の写真", "c.JPG": "  犬の�
 def test_text_image_dataset(tmp_path):
     root = make_text_image_root(tmp_path / "ds", GOOD)
     (root / "images" / "notes.md").write_text("not an image")
-    ds = TextImageDataset(root, transform=PILToTensor())
-    assert len(ds) == 4
+    ds = TextImageDataset(root)
+    assert len(ds.samples) == 4
     assert [os.path.basename(p) for p, _ in ds.samples] == ["a.jpg", "b.PNG", "c.JPG", "d.jpeg"]
     assert ds.captions == ["犬の写真", "猫の写真", "赤いりんご"]  # distinct, stripped, BOM removed
     assert [cid for _, cid in ds.samples] == [0, 1, 0, 2]
-    image, caption_id = ds[1]
+    loaded = ImageSamples(ds.samples, PILToTensor())  # as the training loader reads them
+    image, caption_id = loaded[1]
     assert image.dtype == torch.uint8 and image.shape == (3, 8, 8) and caption_id == 1
-    assert image[0, 0, 0].item() == 0 and ds[0][0].shape == (3, 8, 8)
+    assert image[0, 0, 0].item() == 0 and loaded[0][0].shape == (3, 8, 8)
 
 
 BAD = {
@@ -476,7 +478,7 @@ def test_text_image_dataset_skip(tmp_path):
     assert "5 problem" in str(info.value).splitlines()[0] and len(str(info.value).splitlines()) == 6
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ds = TextImageDataset(root, transform=PILToTensor(), on_bad="skip")
+        ds = TextImageDataset(root, on_bad="skip")
     assert len(caught) == 1
     message = str(caught[0].message)
     assert "5 problem" in message.splitlines()[0]
@@ -504,8 +506,8 @@ def write_files(root, files):
     return root
 
 
-def relative_samples(ds):
-    return [(os.path.relpath(path, os.path.join(ds.root, "images")).replace(os.sep, "/"), ds.captions[cid])
+def relative_samples(ds, root):
+    return [(os.path.relpath(path, os.path.join(root, "images")).replace(os.sep, "/"), ds.captions[cid])
             for path, cid in ds.samples]
 
 
@@ -519,9 +521,9 @@ def test_captions_match_in_any_case_and_in_sub_folders(tmp_path):
         "captions/x/notes.md": "not a caption",
     })
     ds = TextImageDataset(root)
-    assert relative_samples(ds) == [("B.jpg", "大文字の画像"), ("a.webp", "上の階層の a"), ("c.png", "拡張子が大文字"),
+    assert relative_samples(ds, root) == [("B.jpg", "大文字の画像"), ("a.webp", "上の階層の a"), ("c.png", "拡張子が大文字"),
                                     ("x/a.jpg", "x の中の a"), ("x/y/d.PNG", "二段下の d")]
-    assert ds[3][1] == ds.captions.index("x の中の a")
+    assert ds.samples[3][1] == ds.captions.index("x の中の a")
 
 
 def test_two_images_sharing_one_caption_file_are_an_error_naming_both(tmp_path, make_args):
@@ -538,7 +540,7 @@ def test_two_images_sharing_one_caption_file_are_an_error_naming_both(tmp_path, 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ds = TextImageDataset(root, on_bad="skip")  # both dropped: which one the caption describes is unknown
-        assert relative_samples(ds) == [("b.jpg", "犬")] and len(caught) == 1
+        assert relative_samples(ds, root) == [("b.jpg", "犬")] and len(caught) == 1
 
 
 def test_caption_files_differing_only_in_case_are_an_error_naming_both(tmp_path):
@@ -589,11 +591,10 @@ def test_imagenet_with_captions(tmp_path):
     for i in range(1000):
         (root / f"n{i:08d}").mkdir()
         os.link(tmp_path / "img.png", root / f"n{i:08d}" / "x.png")
-    ds = ImageNetWithCaptions(root, transform=PILToTensor())
+    ds = ImageNetWithCaptions(root)
     assert ds.captions[1] == "goldfishの写真" and ds.captions[0] == "tenchの写真" and len(ds.captions) == 1000
-    image, caption_id = ds[1]
+    image, caption_id = ImageSamples(ds.samples, PILToTensor())[1]  # as the training loader reads them
     assert caption_id == 1 and image.shape == (3, 8, 8)
-    assert ImageNetWithCaptions(root, template="a photo of a {}").captions[1] == "a photo of a goldfish"
 
     shutil.rmtree(root / "n00000999")
     with pytest.raises(ValueError, match="999 class folders"):

