@@ -14,7 +14,6 @@ from PIL import Image
 
 from denoiser import Denoiser
 from util.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from util.text_store import build_store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTIONS = ["赤い丸の写真", "青い四角の写真", "a green triangle", "黄色い星の写真"]
@@ -34,8 +33,7 @@ def private_cache(tmp_path, monkeypatch):
 
 
 def with_captions(model, captions=CAPTIONS):
-    embedder = model.net.y_embedder
-    embedder.set_captions(captions, build_store(embedder.caption_llm, captions, progress=False))
+    model.net.y_embedder.use_captions(captions, progress=False)  # the store under $JIT_CACHE_DIR (default_root)
     return model
 
 
@@ -370,8 +368,7 @@ def test_training_and_sampling_read_the_same_rows(text_args, tmp_path):
         setup_captions(args, trained, dataset)
         sampler = Denoiser(args)
         prompts = ["a new prompt", CAPTIONS[3], CAPTIONS[1]]
-        sampler.net.y_embedder.set_captions(prompts, build_store(sampler.net.y_embedder.caption_llm, prompts,
-                                                                 args.text_cache_dir, progress=False))
+        sampler.net.y_embedder.use_captions(prompts, args.text_cache_dir, progress=False)  # as sample.py
         train_rows, train_mask = trained.net.y_embedder.caption_features(torch.tensor([3, 0, 1]))
         sample_rows, sample_mask = sampler.net.y_embedder.caption_features(torch.tensor([1, 2]))
         n3, n1 = train_mask[0].sum(), train_mask[2].sum()
