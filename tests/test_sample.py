@@ -10,6 +10,7 @@ from PIL import Image
 
 import engine_jit
 import sample
+import util.checkpoint
 from denoiser import Denoiser
 from main_jit import get_args_parser
 from util.checkpoint import save_checkpoint
@@ -97,10 +98,14 @@ def test_saved_args_are_overridden_by_flags(checkpoint, monkeypatch):
         return real_generate(model, labels, **sampler)
 
     monkeypatch.setattr(Denoiser, "generate", spy)
+    reads = []
+    real_read = util.checkpoint.read_checkpoint
+    monkeypatch.setattr(util.checkpoint, "read_checkpoint", lambda path: reads.append(path) or real_read(path))
     sample.main(["--checkpoint", str(checkpoint), "--classes", "7", "--per_class", "3", "--cfg", "2.5",
                  "--interval_min", "0.1", "--num_sampling_steps", "3", "--sampling_method", "heun",
                  "--device", "cpu", "--out", "unused.png"])
     assert seen == {"cfg": 2.5, "interval": (0.1, 1.0), "steps": 3, "method": "heun", "labels": [7, 7, 7], "n": 3}
+    assert len(reads) == 1  # the checkpoint is read once: its args, then its weights from the same dict
 
 
 @pytest.mark.parametrize("argv, message", [

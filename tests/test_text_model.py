@@ -229,8 +229,16 @@ def test_default_eval_prompts_are_a_seeded_sample_written_beside_the_results(cap
 
     monkeypatch.setattr(fid, "inception_features", lambda net, images: (torch.randn(len(images), 2048), None))
     monkeypatch.setattr(fid, "fid_from_stats", lambda stats1, stats2: 12.5)  # skip a 2048-d eigvals
+    guidance = []
+    real_generate = Denoiser.generate
+    monkeypatch.setattr(Denoiser, "generate", lambda model, labels, **sampler: guidance.append(
+        (sampler["cfg"], model.cfg_scale)) or real_generate(model, labels, **sampler))
+    engine_jit.evaluate(model, args, 0, None, torch.device("cpu"), argparse.Namespace(source="stub"),
+                       ref_stats, eval_ids, cfg=2.0)  # the scale goes to generate(); the model's stays
+    assert guidance == [(2.0, 1.0), (2.0, 1.0)] and model.cfg_scale == 1.0
     engine_jit.evaluate(model, args, 0, None, torch.device("cpu"), argparse.Namespace(source="stub"),
                        ref_stats, eval_ids)
+    assert guidance[-1] == (1.0, 1.0)  # --cfg
     png_dir = out / "images_epoch0_cfg1_ema1"
     names = [f"{n:06d}_prompt{n % 8}.png" for n in range(10)]  # image n is drawn for prompt n % 8
     assert sorted(os.listdir(png_dir)) == names + ["prompts.txt"]

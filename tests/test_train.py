@@ -217,6 +217,12 @@ def test_resume_path_rules(tmp_path):
     assert resolve_checkpoint_path(str(tmp_path)) == str(tmp_path / "checkpoint-last.pth")
     with pytest.raises(FileNotFoundError, match="--resume .*nope.pth: no such file or folder"):
         resolve_checkpoint_path(str(tmp_path / "nope.pth"))
+    # sample.py and export.py: a folder without checkpoint-last.pth is an error naming their flag
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=f"^--checkpoint {empty}: the folder has no checkpoint-last.pth$"):
+        resolve_checkpoint_path(str(empty), "--checkpoint", required=True)
+    assert resolve_checkpoint_path(str(tmp_path), "--checkpoint", required=True) == str(tmp_path / "checkpoint-last.pth")
 
 
 def test_resume_from_missing_file_stops_with_one_line(image_folder, tmp_path):
