@@ -14,7 +14,6 @@ import argparse
 import os
 import random
 
-import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import pil_to_tensor
