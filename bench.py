@@ -38,7 +38,7 @@ def get_parser():
     p.add_argument("--model", default="JiT-B/16", choices=sorted(JiT_models))
     p.add_argument("--img_size", default=256, type=int)
     p.add_argument("--class_num", default=1000, type=int)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or mps")
+    p.add_argument("--device", default=None, help="cpu, cuda or mps (default: cuda if available, else cpu)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast dtype, as main_jit.py")
     p.add_argument("--attn_impl", default="sdpa", choices=ATTN_IMPLS)
     p.add_argument("--compile", action="store_true", help="torch.compile the network (warm-up pays the compile)")
@@ -165,15 +165,14 @@ def model_benchmark(args, device, log):
         rec["train_images_per_s"] = args.batch_size / rec["train_step_s"]
     sample_labels = (torch.arange(args.gen_bsz) % args.class_num).to(device)
 
-    def generate():
+    def generate(steps=None):
         with autocast(device, args.precision):
-            return model.generate(sample_labels)
+            return model.generate(sample_labels, steps=steps)
 
     if not args.skip_sample:
         model.eval()
-        steps, model.num_sampling_steps = model.num_sampling_steps, min(2, model.num_sampling_steps)
-        benchmark.timed_calls(args.sample_warmup, generate)  # both batch shapes (B, 2B with CFG) warmed
-        model.num_sampling_steps = steps
+        warm_steps = min(2, args.sampling_steps)  # both batch shapes (B, 2B with CFG) warmed
+        benchmark.timed_calls(args.sample_warmup, lambda: generate(warm_steps))
         rec.update(run_phase(args, "sample_batch", generate, args.sample_iters, 0, device,
                              args.gen_bsz * flops["sample"], peak, log))
         rec["sample_images_per_s"] = args.gen_bsz / rec["sample_batch_s"]
@@ -194,7 +193,7 @@ def text_overhead(args, device, log):
     """Seconds per training step: class-conditioned, and text-conditioned in each --text_conditioning mode from the
     caption store (timed in interleaved rounds, so a load change on a shared machine hits every kind alike), the
     LLM forward that a step would add without the store, and the store's embedding rate."""
-    from util.text_store import build_store
+    from util.text_store import build_store  # to time the embedding of many captions
 
     captions = [f"手書きの数字{i % 10}の写真、サンプル{i}" for i in range(args.batch_size)]
     x, _ = random_batch(args, device)
@@ -213,8 +212,7 @@ def text_overhead(args, device, log):
                 start = time.perf_counter()  # the rate includes loading the LLM's weights, as a training start does
                 build_store(caption_llm, many[:args.text_captions], store_root, device, progress=False)
                 embed_rate[kind] = args.text_captions / (time.perf_counter() - start)
-                model.net.y_embedder.set_captions(captions, build_store(caption_llm, captions, store_root, device,
-                                                                        progress=False))
+                model.net.y_embedder.use_captions(captions, store_root, progress=False)
             steps[kind] = functools.partial(train_step, model, model, optimizer, x, ids, args.precision)
             benchmark.timed_calls(args.train_warmup, steps[kind])
         times = {kind: [] for kind in kinds}
@@ -296,7 +294,7 @@ def main(argv=None):
             if args.threads:
                 torch.set_num_threads(args.threads)
             torch.manual_seed(args.seed)
-            device = resolve_device(argparse.Namespace(device=args.device, distributed=False, gpu=0))
+            device = resolve_device(args.device)
             if not args.default_malloc:
                 keep_freed_cpu_memory(device)  # as main_jit.py does
             rec = dict(model=args.model, img_size=args.img_size, device=device.type,

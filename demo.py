@@ -262,7 +262,7 @@ def start(args, out):
 
     import util.misc as misc
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or misc.default_device()
     precision = misc.resolve_precision(args.precision, torch.device(device.split(":")[0]))
     print(f"device {device}, precision {precision}, output folder {out}")
     os.makedirs(out, exist_ok=True)

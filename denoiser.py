@@ -103,14 +103,17 @@ class Denoiser(nn.Module):
         return ((v - v_pred) ** 2).mean(dim=(1, 2, 3)).mean()
 
     # ------------------------------------------------------------------ sampling
-    def cfg_weight(self, t):
+    # cfg, steps, interval (low, high) and method are per call; None means the model's configured value (--cfg,
+    # --num_sampling_steps, --interval_min/--interval_max, --sampling_method)
+    def cfg_weight(self, t, cfg=None, interval=None):
         """Guidance weight at time t (a float): cfg inside the interval, 1 outside."""
-        low, high = self.cfg_interval
-        return self.cfg_scale if (t < high and (low == 0 or t > low)) else 1.0
+        low, high = self.cfg_interval if interval is None else interval
+        cfg = self.cfg_scale if cfg is None else cfg
+        return cfg if (t < high and (low == 0 or t > low)) else 1.0
 
-    def velocity(self, z, t, t_value, labels):
+    def velocity(self, z, t, t_value, labels, cfg=None, interval=None):
         """Guided velocity at time t ((B, 1, 1, 1) tensor holding the float t_value up to float32 rounding)."""
-        w = self.cfg_weight(t_value)
+        w = self.cfg_weight(t_value, cfg, interval)
         denom = (1.0 - t).clamp_min(self.t_eps)
         if w == 1.0:  # v_u + 1 * (v_c - v_u) = v_c: the null-label pass would not change the result
             return (self.net(z, t.flatten(), labels) - z) / denom
@@ -119,47 +122,53 @@ class Denoiser(nn.Module):
         v_cond, v_uncond = (x_cond - z) / denom, (x_uncond - z) / denom
         return v_uncond + w * (v_cond - v_uncond)
 
-    def time_grid(self):
+    def time_grid(self, steps=None):
         """The sampler's times i / steps, i = 0..steps, as exact floats: float32 rounding (0.1 -> 0.10000000149)
         would put a grid point that equals a CFG-interval bound inside the interval."""
-        return [i / self.num_sampling_steps for i in range(self.num_sampling_steps + 1)]
+        steps = self.num_sampling_steps if steps is None else steps
+        return [i / steps for i in range(steps + 1)]
 
-    def step_methods(self):
+    def step_methods(self, steps=None, method=None):
         """The method of each ODE step: --sampling_method, but the last step is always Euler, so the network is never
         queried at t = 1."""
-        if self.sampling_method not in ("euler", "heun"):
-            raise ValueError(f"--sampling_method must be euler or heun, got {self.sampling_method!r}")
-        return [self.sampling_method] * (self.num_sampling_steps - 1) + ["euler"]
+        steps = self.num_sampling_steps if steps is None else steps
+        method = self.sampling_method if method is None else method
+        if method not in ("euler", "heun"):
+            raise ValueError(f"--sampling_method must be euler or heun, got {method!r}")
+        return [method] * (steps - 1) + ["euler"]
 
-    def network_evaluations(self):
-        """Network evaluations per sample of generate(): one velocity per Euler step, two per Heun step, each doubled
-        by the null-label pass where the guidance weight is not 1."""
-        grid = self.time_grid()
-        times = [t for i, method in enumerate(self.step_methods()) for t in grid[i:i + (2 if method == "heun" else 1)]]
-        return sum(1 if self.cfg_weight(t) == 1.0 else 2 for t in times)
+    def network_evaluations(self, cfg=None, steps=None, interval=None, method=None):
+        """Network evaluations per sample of generate() with these settings: one velocity per Euler step, two per
+        Heun step, each doubled by the null-label pass where the guidance weight is not 1."""
+        grid = self.time_grid(steps)
+        methods = self.step_methods(steps, method)
+        times = [t for i, m in enumerate(methods) for t in grid[i:i + (2 if m == "heun" else 1)]]
+        return sum(1 if self.cfg_weight(t, cfg, interval) == 1.0 else 2 for t in times)
 
     @torch.no_grad()
-    def generate(self, labels, on_step=None):
+    def generate(self, labels, cfg=None, steps=None, interval=None, method=None, on_step=None):
         """Samples for labels (B,); on_step() is called after every ODE step (progress bars)."""
+        steps = self.num_sampling_steps if steps is None else steps
+        guidance = {"cfg": cfg, "interval": interval}
         bsz = labels.shape[0]
         z = self.noise_scale * torch.randn(bsz, 3, self.img_size, self.img_size, device=labels.device)
-        grid = torch.linspace(0.0, 1.0, self.num_sampling_steps + 1, device=labels.device)
-        grid_values = self.time_grid()  # for the CFG-interval decisions
+        grid = torch.linspace(0.0, 1.0, steps + 1, device=labels.device)
+        grid_values = self.time_grid(steps)  # for the CFG-interval decisions
         times = grid.view(-1, 1, 1, 1, 1).expand(-1, bsz, 1, 1, 1)
-        for i, method in enumerate(self.step_methods()):
+        for i, m in enumerate(self.step_methods(steps, method)):
             args = (z, times[i], times[i + 1], grid_values[i], grid_values[i + 1], labels)
-            z = self.heun_step(*args) if method == "heun" else self.euler_step(*args)
+            z = self.heun_step(*args, **guidance) if m == "heun" else self.euler_step(*args, **guidance)
             if on_step is not None:
                 on_step()
         return z
 
-    def euler_step(self, z, t, t_next, t_value, t_next_value, labels):
-        return z + (t_next - t) * self.velocity(z, t, t_value, labels)
+    def euler_step(self, z, t, t_next, t_value, t_next_value, labels, cfg=None, interval=None):
+        return z + (t_next - t) * self.velocity(z, t, t_value, labels, cfg, interval)
 
-    def heun_step(self, z, t, t_next, t_value, t_next_value, labels):
-        v_t = self.velocity(z, t, t_value, labels)
+    def heun_step(self, z, t, t_next, t_value, t_next_value, labels, cfg=None, interval=None):
+        v_t = self.velocity(z, t, t_value, labels, cfg, interval)
         z_euler = z + (t_next - t) * v_t
-        v_t_next = self.velocity(z_euler, t_next, t_next_value, labels)
+        v_t_next = self.velocity(z_euler, t_next, t_next_value, labels, cfg, interval)
         return z + (t_next - t) * (0.5 * (v_t + v_t_next))
 
     # ------------------------------------------------------------------ EMA

@@ -142,8 +142,9 @@ def eval_labels(num_images, label_ids, rank, world_size):
 
 
 @torch.no_grad()
-def generate_uint8(model_without_ddp, labels, device, args, on_batch, desc="sampling"):
-    """Sample images for `labels` in batches of gen_bsz; on_batch(uint8 images (B, 3, S, S) on CPU, labels)."""
+def generate_uint8(model_without_ddp, labels, device, args, on_batch, desc="sampling", cfg=None):
+    """Sample images for `labels` in batches of gen_bsz with guidance scale cfg (default: the model's);
+    on_batch(uint8 images (B, 3, S, S) on CPU, labels)."""
     model_without_ddp.eval()
     batches = labels.split(args.gen_bsz)
     steps = model_without_ddp.num_sampling_steps
@@ -151,7 +152,7 @@ def generate_uint8(model_without_ddp, labels, device, args, on_batch, desc="samp
               disable=not misc.is_main_process()) as bar:
         for batch_labels in batches:
             with misc.autocast(device, args.precision):
-                images = model_without_ddp.generate(batch_labels.to(device), on_step=bar.update)
+                images = model_without_ddp.generate(batch_labels.to(device), cfg=cfg, on_step=bar.update)
             on_batch(to_uint8(images).cpu(), batch_labels)
 
 
@@ -220,13 +221,8 @@ def evaluate(model_without_ddp, args, epoch, log_writer, device, inception, ref_
                 save_image(image.float() / 255, os.path.join(png_dir, png_name(index, label, prompt_index)))
                 saved[0] += 1
 
-    saved_cfg = model_without_ddp.cfg_scale
-    model_without_ddp.cfg_scale = cfg
-    try:
-        with model_without_ddp.ema_weights(ema_track):
-            generate_uint8(model_without_ddp, labels, device, args, on_batch, desc=f"eval {tag}")
-    finally:
-        model_without_ddp.cfg_scale = saved_cfg
+    with model_without_ddp.ema_weights(ema_track):
+        generate_uint8(model_without_ddp, labels, device, args, on_batch, desc=f"eval {tag}", cfg=cfg)
 
     pool_features = gather_to_main(torch.cat(pool_features))
     logits = gather_to_main(torch.cat(logits)) if logits else None

@@ -17,7 +17,7 @@ import torch
 from denoiser import Denoiser, is_text_model
 from main_jit import get_args_parser as main_parser
 from model_jit import JiT_models
-from util.checkpoint import (check_state_dict, pretrained_config, read_checkpoint, resolve_resume_path,
+from util.checkpoint import (check_state_dict, pretrained_config, read_checkpoint, resolve_checkpoint_path,
                              save_pretrained, weights_description, with_saved_args)
 
 OVERRIDES = ("model", "img_size", "class_num", "cfg", "interval_min", "interval_max", "num_sampling_steps",
@@ -60,11 +60,9 @@ def training_args(saved, cli):
 def main(argv=None):
     cli = get_args_parser().parse_args(argv)
     try:
-        path = resolve_resume_path(cli.checkpoint)
-    except FileNotFoundError:
-        fail(f"--checkpoint {cli.checkpoint}: no such file or folder")
-    if path is None:
-        fail(f"--checkpoint {cli.checkpoint}: the folder has no checkpoint-last.pth")
+        path = resolve_checkpoint_path(cli.checkpoint, "--checkpoint", required=True)
+    except FileNotFoundError as e:
+        fail(str(e))
     try:
         checkpoint = read_checkpoint(path)
     except Exception as e:  # noqa: BLE001 - anything that is not a torch checkpoint

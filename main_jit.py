@@ -24,13 +24,14 @@ from model_jit import ATTN_IMPLS, JiT_models
 from text_conditioning import TEXT_CONDITIONINGS, trainable_llm_warning
 from text_image_dataset import ImageNetWithCaptions, TextImageDataset
 from util import fid
-from util.checkpoint import (load_checkpoint, read_checkpoint, remove_stale_temporaries, resolve_resume_path,
+from util.checkpoint import (load_checkpoint, read_checkpoint, remove_stale_temporaries, resolve_checkpoint_path,
                              rng_state, save_checkpoint, set_rng_state)
-from util.data import ImageSamples, ResumableSampler, UnreadableImage, check_data, holdout_split, train_transform
+from util.data import (ImageSamples, ResumableSampler, UnreadableImage, check_data, holdout_split, read_prompts,
+                       train_transform)
 from util.hf_data import HFImages, is_hf_source
 from util.preemption import PREEMPTED_EXIT_CODE, StopRequests, ignore_stop_signals, stop_loader_workers
 from util.shards import ShardDataset, is_shard_folder
-from util.text_store import build_store
+from util.text_store import default_root
 
 
 def float_list(text):
@@ -143,8 +144,7 @@ def get_args_parser():
                         help="pooled: one mean-pooled LLM vector (the published design); tokens: also every caption "
                              "token as a text token beside the in-context tokens")
     parser.add_argument("--text_cache_dir", default=None,
-                        help="folder of the caption feature stores (default $JIT_CACHE_DIR/text_features or "
-                             "~/.cache/jit/text_features)")
+                        help=f"folder of the caption feature stores (default {default_root()}, under $JIT_CACHE_DIR)")
     parser.add_argument("--prompts_file", default=None,
                         help="evaluation prompts, one per line (default: the dataset's own captions)")
     parser.add_argument("--on_bad_data", default="error", choices=["error", "skip"],
@@ -289,22 +289,6 @@ def build_val_loader(args, samples):
                       generator=torch.Generator(), worker_init_fn=ignore_stop_signals)
 
 
-def read_prompts(path):
-    """One prompt per line; a blank line stops the run (it would be an empty caption, or shift the prompts)."""
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f"--prompts_file {path}: {e}")
-    if not lines:
-        raise SystemExit(f"--prompts_file {path}: no prompts (one per line)")
-    blank = [n for n, line in enumerate(lines, start=1) if not line.strip()]
-    if blank:
-        raise SystemExit(f"--prompts_file {path}: line {blank[0]} is blank ({len(blank)} blank line(s)); "
-                         f"give one prompt per line")
-    return [line.strip() for line in lines]
-
-
 def sample_eval_prompts(dataset, num_images, seed):
     """Caption ids of min(num_images, N) of the N training images, drawn without replacement by random.Random(seed):
     the same on every rank and at every evaluation of a run, and following the data set's caption frequencies, as
@@ -333,7 +317,10 @@ def setup_captions(args, model_without_ddp, dataset, val_captions=()):
     --val_path) and the caption store that holds their LLM features (the missing ones embedded first, split across
     the ranks). Returns the caption indices used for evaluation."""
     captions = list(dataset.captions) if dataset is not None else []
-    prompts = read_prompts(args.prompts_file) if args.prompts_file else captions
+    try:
+        prompts = read_prompts(args.prompts_file) if args.prompts_file else captions
+    except ValueError as e:
+        raise SystemExit(str(e))
     if not prompts:
         raise SystemExit(f"--data_path {args.data_path}: no captions; give evaluation prompts with --prompts_file")
     eval_ids = (list(range(len(captions), len(captions) + len(prompts))) if args.prompts_file
@@ -341,15 +328,10 @@ def setup_captions(args, model_without_ddp, dataset, val_captions=()):
     captions = captions + (prompts if args.prompts_file else []) + list(val_captions)
     if misc.is_main_process():  # one line for the run, not one per rank
         report_truncated(model_without_ddp.net.y_embedder.caption_llm.tokenizer, captions, args.max_text_len)
-    embedder = model_without_ddp.net.y_embedder
-    store = None
-    if embedder.encoder.freeze:  # embedded on the model's device; the LLM's weights are released after
-        try:
-            store = build_store(embedder.caption_llm, captions, args.text_cache_dir,
-                                device=embedder.null_embedding.device, progress=misc.is_main_process())
-        except ValueError as e:  # a store of another LLM (names its folder), features out of float16 range
-            raise SystemExit(str(e))
-    embedder.set_captions(captions, store)
+    try:
+        model_without_ddp.net.y_embedder.use_captions(captions, args.text_cache_dir, progress=misc.is_main_process())
+    except ValueError as e:  # a store of another LLM (names its folder), features out of float16 range
+        raise SystemExit(str(e))
     print(f"{len(captions)} distinct captions, {len(eval_ids)} evaluation prompts"
           + ("" if args.prompts_file else f" (captions of random training images, --seed {args.seed})"))
     if misc.is_main_process() and (args.online_eval or args.evaluate_gen):
@@ -372,7 +354,7 @@ def resume(args, model_without_ddp, optimizer):
     """Load --resume; returns (epoch, step within it) to continue from. Checkpoints of ours carry resume_state
     (mid-epoch position and every rank's RNG states); official ones continue at the next epoch."""
     try:
-        path = resolve_resume_path(args.resume)
+        path = resolve_checkpoint_path(args.resume)
         if path is None:
             if args.resume:
                 print(f"--resume {args.resume}: no checkpoint-last.pth there yet; starting from scratch")
@@ -491,7 +473,7 @@ def check_config(args):
 def main(args):
     misc.init_distributed_mode(args)
     ref_stats = check_config(args)
-    device = misc.resolve_device(args)
+    device = misc.resolve_device(args.device, args.gpu if args.distributed else None)
     args.precision = misc.resolve_precision(args.precision, device)
     misc.keep_freed_cpu_memory(device)
     misc.seed_everything(args.seed + misc.get_rank())

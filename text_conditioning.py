@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from util.llm import check_llm_folder
+from util.text_store import build_store
 
 TEXT_CONDITIONINGS = ("pooled", "tokens")
 
@@ -229,6 +230,15 @@ class TextEmbedder(nn.Module):
             self._locations = store.locate(captions)
             self.store = store
         self.captions = list(captions)
+
+    def use_captions(self, captions, cache_dir=None, progress=True):
+        """Captions the indices refer to, with a frozen LLM read from the caption store under cache_dir (default
+        util/text_store.default_root()), the missing ones embedded first on the embedder's device (split across the
+        ranks; the LLM's weights are released after). The one set-up of training, sample.py and bench.py; a store of
+        another LLM, or features out of float16 range, is a ValueError naming its folder."""
+        store = (build_store(self.caption_llm, captions, cache_dir, device=self.null_embedding.device,
+                             progress=progress) if self.encoder.freeze else None)
+        self.set_captions(captions, store)
 
     def caption_features(self, caption_ids):
         """((B, T, llm_hidden) float32 features on the embedder's device, (B, T) bool mask), T the longest caption

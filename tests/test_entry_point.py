@@ -75,3 +75,19 @@ def test_evaluate_gen_prints_no_training_learning_rate(tmp_path):
     assert "FID" in result.stdout
     assert "effective batch" not in result.stdout + result.stderr and "lr " not in result.stdout
 
+
+
+def test_default_device_has_one_home(monkeypatch):
+    """sample.py, bench.py, demo.py and prepare_ref.py leave --device unset -> util/misc.default_device, checked by
+    resolve_device with a one-line error naming the flag."""
+    import torch
+
+    from util import misc
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert misc.default_device() == "cpu" and misc.resolve_device(None) == torch.device("cpu")
+    with pytest.raises(SystemExit, match="^--device cuda:1: CUDA is not available on this machine; use --device cpu$"):
+        misc.resolve_device("cuda:1")
+    with pytest.raises(SystemExit, match="^--device tpu: expected cpu, cuda or mps$"):
+        misc.resolve_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert misc.default_device() == "cuda"

@@ -10,6 +10,7 @@ from PIL import Image
 
 import engine_jit
 import sample
+import util.checkpoint
 from denoiser import Denoiser
 from main_jit import get_args_parser
 from util.checkpoint import save_checkpoint
@@ -90,20 +91,25 @@ def test_saved_args_are_overridden_by_flags(checkpoint, monkeypatch):
     monkeypatch.setattr(engine_jit, "save_grid", lambda images, path, captions=None, nrow=8: seen.update(n=len(images)))
     real_generate = Denoiser.generate
 
-    def spy(model, labels, on_step=None):
+    def spy(model, labels, **sampler):
+        assert all(v is None for k, v in sampler.items() if k != "on_step")  # the flags are the model's settings
         seen.update(cfg=model.cfg_scale, interval=model.cfg_interval, steps=model.num_sampling_steps,
                     method=model.sampling_method, labels=labels.tolist())
-        return real_generate(model, labels, on_step)
+        return real_generate(model, labels, **sampler)
 
     monkeypatch.setattr(Denoiser, "generate", spy)
+    reads = []
+    real_read = util.checkpoint.read_checkpoint
+    monkeypatch.setattr(util.checkpoint, "read_checkpoint", lambda path: reads.append(path) or real_read(path))
     sample.main(["--checkpoint", str(checkpoint), "--classes", "7", "--per_class", "3", "--cfg", "2.5",
                  "--interval_min", "0.1", "--num_sampling_steps", "3", "--sampling_method", "heun",
                  "--device", "cpu", "--out", "unused.png"])
     assert seen == {"cfg": 2.5, "interval": (0.1, 1.0), "steps": 3, "method": "heun", "labels": [7, 7, 7], "n": 3}
+    assert len(reads) == 1  # the checkpoint is read once: its args, then its weights from the same dict
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--checkpoint", "{missing}"], "checkpoint not found: {missing}"),
+    (["--checkpoint", "{missing}"], "--checkpoint {missing}: no such file or folder"),
     (["--checkpoint", "{empty}"], "has no checkpoint-last.pth"),
     (["--checkpoint", "{ckpt}", "--classes", "0,10"], "class index 10 is out of range; this checkpoint has "
                                                       "class_num 10 (valid classes 0..9)"),
@@ -134,7 +140,7 @@ def test_command_line(checkpoint, tmp_path):
     bad = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(tmp_path / "none.pth")], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1
-    assert bad.stderr.strip() == f"sample.py: error: checkpoint not found: {tmp_path / 'none.pth'}"
+    assert bad.stderr.strip() == f"sample.py: error: --checkpoint {tmp_path / 'none.pth'}: no such file or folder"
 
 
 def test_text_model_prompts(make_args, tiny_llm_path, tmp_path):
@@ -239,7 +245,7 @@ def test_default_classes_of_a_large_model(tmp_path, monkeypatch, class_num, expe
     model = Denoiser(args)
     save_checkpoint(str(tmp_path / "big.pth"), model, torch.optim.AdamW(model.parameters()), 0, args)
     seen = []
-    monkeypatch.setattr(Denoiser, "generate", lambda model, labels, on_step=None: seen.extend(labels.tolist())
+    monkeypatch.setattr(Denoiser, "generate", lambda model, labels, **sampler: seen.extend(labels.tolist())
                         or torch.zeros(len(labels), 3, 32, 32))
     sample.main(["--checkpoint", str(tmp_path / "big.pth"), "--per_class", "2", "--out", str(tmp_path / "g.png"), *FAST])
     assert seen == [c for c in expected for _ in range(2)]
@@ -284,9 +290,9 @@ def test_text_checkpoint_without_cfg_uses_the_readme_guidance(make_args, tiny_ll
     seen = []
     real_generate = Denoiser.generate
 
-    def spy(model, labels, on_step=None):
+    def spy(model, labels, **sampler):
         seen.append((model.cfg_scale, tuple(model.cfg_interval)))
-        return real_generate(model, labels, on_step)
+        return real_generate(model, labels, **sampler)
 
     monkeypatch.setattr(Denoiser, "generate", spy)
     common = ["--prompts", "犬の写真", "--per_class", "1", "--text_cache_dir", str(tmp_path / "cache"), *FAST]

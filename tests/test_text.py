@@ -456,18 +456,18 @@ def test_prompts_file_with_a_blank_line_stops_naming_the_file(tmp_path):
     import argparse
 
     import sample
-    from main_jit import read_prompts
+    from util.data import read_prompts
     path = tmp_path / "prompts.txt"
     path.write_text("\ufeff白い猫\nred car\n", encoding="utf-8")
     assert read_prompts(str(path)) == ["白い猫", "red car"]
     for text, problem in (("白い猫\n\nred car\n", "line 2 is blank"), ("白い猫\n   \n", "line 2 is blank"),
                           ("", "no prompts")):
         path.write_text(text, encoding="utf-8")
-        with pytest.raises(SystemExit) as info:
+        with pytest.raises(ValueError) as info:
             read_prompts(str(path))
         assert str(info.value).startswith(f"--prompts_file {path}: {problem}") and "\n" not in str(info.value)
         with pytest.raises(SystemExit) as info:  # sample.py reads prompt files the same way
-            sample.read_prompts(argparse.Namespace(prompts=None, prompts_file=str(path)))
+            sample.cli_prompts(argparse.Namespace(prompts=None, prompts_file=str(path)))
         assert str(info.value).startswith(f"sample.py: error: --prompts_file {path}: {problem}")
 
 

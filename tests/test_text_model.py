@@ -14,7 +14,6 @@ from PIL import Image
 
 from denoiser import Denoiser
 from util.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from util.text_store import build_store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTIONS = ["赤い丸の写真", "青い四角の写真", "a green triangle", "黄色い星の写真"]
@@ -34,8 +33,7 @@ def private_cache(tmp_path, monkeypatch):
 
 
 def with_captions(model, captions=CAPTIONS):
-    embedder = model.net.y_embedder
-    embedder.set_captions(captions, build_store(embedder.caption_llm, captions, progress=False))
+    model.net.y_embedder.use_captions(captions, progress=False)  # the store under $JIT_CACHE_DIR (default_root)
     return model
 
 
@@ -231,8 +229,16 @@ def test_default_eval_prompts_are_a_seeded_sample_written_beside_the_results(cap
 
     monkeypatch.setattr(fid, "inception_features", lambda net, images: (torch.randn(len(images), 2048), None))
     monkeypatch.setattr(fid, "fid_from_stats", lambda stats1, stats2: 12.5)  # skip a 2048-d eigvals
+    guidance = []
+    real_generate = Denoiser.generate
+    monkeypatch.setattr(Denoiser, "generate", lambda model, labels, **sampler: guidance.append(
+        (sampler["cfg"], model.cfg_scale)) or real_generate(model, labels, **sampler))
+    engine_jit.evaluate(model, args, 0, None, torch.device("cpu"), argparse.Namespace(source="stub"),
+                       ref_stats, eval_ids, cfg=2.0)  # the scale goes to generate(); the model's stays
+    assert guidance == [(2.0, 1.0), (2.0, 1.0)] and model.cfg_scale == 1.0
     engine_jit.evaluate(model, args, 0, None, torch.device("cpu"), argparse.Namespace(source="stub"),
                        ref_stats, eval_ids)
+    assert guidance[-1] == (1.0, 1.0)  # --cfg
     png_dir = out / "images_epoch0_cfg1_ema1"
     names = [f"{n:06d}_prompt{n % 8}.png" for n in range(10)]  # image n is drawn for prompt n % 8
     assert sorted(os.listdir(png_dir)) == names + ["prompts.txt"]
@@ -370,8 +376,7 @@ def test_training_and_sampling_read_the_same_rows(text_args, tmp_path):
         setup_captions(args, trained, dataset)
         sampler = Denoiser(args)
         prompts = ["a new prompt", CAPTIONS[3], CAPTIONS[1]]
-        sampler.net.y_embedder.set_captions(prompts, build_store(sampler.net.y_embedder.caption_llm, prompts,
-                                                                 args.text_cache_dir, progress=False))
+        sampler.net.y_embedder.use_captions(prompts, args.text_cache_dir, progress=False)  # as sample.py
         train_rows, train_mask = trained.net.y_embedder.caption_features(torch.tensor([3, 0, 1]))
         sample_rows, sample_mask = sampler.net.y_embedder.caption_features(torch.tensor([1, 2]))
         n3, n1 = train_mask[0].sum(), train_mask[2].sum()

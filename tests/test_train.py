@@ -13,7 +13,7 @@ import engine_jit
 import util.misc as misc
 from denoiser import Denoiser
 from main_jit import build_dataset, get_args_parser
-from util.checkpoint import read_checkpoint, resolve_resume_path
+from util.checkpoint import read_checkpoint, resolve_checkpoint_path
 from util.lr_sched import learning_rate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -211,12 +211,18 @@ def test_param_groups_skip_biases_norms_and_frozen():
 
 
 def test_resume_path_rules(tmp_path):
-    assert resolve_resume_path("") is None
-    assert resolve_resume_path(str(tmp_path)) is None  # existing folder without checkpoint: first launch
+    assert resolve_checkpoint_path("") is None
+    assert resolve_checkpoint_path(str(tmp_path)) is None  # existing folder without checkpoint: first launch
     (tmp_path / "checkpoint-last.pth").write_bytes(b"")
-    assert resolve_resume_path(str(tmp_path)) == str(tmp_path / "checkpoint-last.pth")
+    assert resolve_checkpoint_path(str(tmp_path)) == str(tmp_path / "checkpoint-last.pth")
     with pytest.raises(FileNotFoundError, match="--resume .*nope.pth: no such file or folder"):
-        resolve_resume_path(str(tmp_path / "nope.pth"))
+        resolve_checkpoint_path(str(tmp_path / "nope.pth"))
+    # sample.py and export.py: a folder without checkpoint-last.pth is an error naming their flag
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=f"^--checkpoint {empty}: the folder has no checkpoint-last.pth$"):
+        resolve_checkpoint_path(str(empty), "--checkpoint", required=True)
+    assert resolve_checkpoint_path(str(tmp_path), "--checkpoint", required=True) == str(tmp_path / "checkpoint-last.pth")
 
 
 def test_resume_from_missing_file_stops_with_one_line(image_folder, tmp_path):

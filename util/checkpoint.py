@@ -78,20 +78,22 @@ def load_checkpoint(denoiser, path, checkpoint=None):
     return checkpoint
 
 
-def resolve_resume_path(resume):
-    """--resume names a .pth file or a folder holding checkpoint-last.pth.
-
-    Returns the file to load, or None for an existing folder without a checkpoint yet (a first launch of an
-    auto-resuming job). A path that does not exist is an error, never a silent fresh start.
-    """
-    if not resume:
+def resolve_checkpoint_path(path, flag="--resume", required=False):
+    """A checkpoint .pth file, or a folder holding checkpoint-last.pth -> the file to load (flag names the path in
+    errors). A folder without checkpoint-last.pth gives None (a first launch of an auto-resuming job) unless required;
+    a path that does not exist is a FileNotFoundError, never a silent fresh start."""
+    if not path:
         return None
-    if os.path.isfile(resume):
-        return resume
-    if os.path.isdir(resume):
-        path = os.path.join(resume, "checkpoint-last.pth")
-        return path if os.path.isfile(path) else None
-    raise FileNotFoundError(f"--resume {resume}: no such file or folder")
+    if os.path.isfile(path):
+        return path
+    if os.path.isdir(path):
+        candidate = os.path.join(path, "checkpoint-last.pth")
+        if os.path.isfile(candidate):
+            return candidate
+        if required:
+            raise FileNotFoundError(f"{flag} {path}: the folder has no checkpoint-last.pth")
+        return None
+    raise FileNotFoundError(f"{flag} {path}: no such file or folder")
 
 
 def rng_state():

@@ -141,6 +141,23 @@ def holdout_split(samples, fraction, root):
     return ([s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held])
 
 
+def read_prompts(path):
+    """The prompts of a --prompts_file, one per line (a UTF-8 BOM is dropped). A blank line is a ValueError naming
+    the file and line: it would be an empty caption, or shift the prompts."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--prompts_file {path}: {e}") from None
+    if not lines:
+        raise ValueError(f"--prompts_file {path}: no prompts (one per line)")
+    blank = [n for n, line in enumerate(lines, start=1) if not line.strip()]
+    if blank:
+        raise ValueError(f"--prompts_file {path}: line {blank[0]} is blank ({len(blank)} blank line(s)); "
+                         f"give one prompt per line")
+    return [line.strip() for line in lines]
+
+
 class ResumableSampler(DistributedSampler):
     """DistributedSampler whose epoch can start at a given position, to resume mid-epoch exactly."""
 

@@ -75,17 +75,24 @@ def init_distributed_mode(args):
     setup_for_distributed(args.rank == 0)
 
 
-def resolve_device(args):
-    """torch.device for this process from --device, with a one-line error when it is not available."""
-    kind = args.device.split(":")[0]
+def default_device():
+    """The --device of the tools that leave it unset: cuda if available, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(device=None, gpu=None):
+    """torch.device for this process from --device (None: default_device()), with a one-line error when it is not
+    available; gpu is this rank's GPU under torch.distributed (else the current CUDA device)."""
+    device = device or default_device()
+    kind = device.split(":")[0]
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
-        return torch.device("cuda", args.gpu if args.distributed else torch.cuda.current_device())
+            raise SystemExit(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        return torch.device("cuda", torch.cuda.current_device() if gpu is None else gpu)
     if kind == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit(f"--device {args.device}: Apple MPS is not available on this machine; use --device cpu")
+        raise SystemExit(f"--device {device}: Apple MPS is not available on this machine; use --device cpu")
     if kind not in ("cpu", "mps"):
-        raise SystemExit(f"--device {args.device}: expected cpu, cuda or mps")
+        raise SystemExit(f"--device {device}: expected cpu, cuda or mps")
     return torch.device(kind)
 
 
