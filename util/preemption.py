@@ -91,6 +91,8 @@ class StopRequests:
             work, flags = self.pending
             work.wait()
             decision = (bool(flags[0]), bool(flags[1]))
+            if decision[1]:  # the caller saves at this step: the exchange started below must not ask for it again
+                self.last_save = time.time()
         self.pending = None
         if not decision[0]:
             flags = torch.tensor(self._local_flags(), dtype=torch.int32)
