@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test demo
+.PHONY: install test test-all demo
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,10 @@ install: $(PY)
 	$(PY) -m pip install --quiet --no-deps -r requirements-assets.txt
 
 test: install
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -m "not long" --durations=15
+
+test-all: install
+	$(PY) -m pytest tests -q --durations=15
 
 demo: install
 	$(PY) demo.py

@@ -64,6 +64,7 @@ def test_bf16_sampling_matches_fp32(make_args, perturb):
     assert 0 < diff.mean().item() < 2 and diff.max().item() <= 12
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_compiled_training_step_matches_eager(make_args, perturb):
     """--compile (model.net.compile(), as main_jit.py does) on the CPU, fp32: one forward + backward equals eager
