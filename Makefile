@@ -13,7 +13,7 @@ install: $(PY)
 	$(PY) -m pip install --quiet --no-deps -r requirements-assets.txt
 
 test: install
-	$(PY) -m pytest tests -q -m "not long" --durations=15
+	$(PY) -m pytest tests -q -m "not slow" --durations=15
 
 test-all: install
 	$(PY) -m pytest tests -q --durations=15
