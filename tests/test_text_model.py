@@ -220,9 +220,9 @@ def test_default_eval_prompts_are_a_seeded_sample_written_beside_the_results(cap
     assert "4 distinct captions, 8 evaluation prompts (captions of random training images, --seed 3)" in printed
     # 10 images wanted, 8 training images: every image's caption once, in a seeded order (each caption is on two
     # images, so it is drawn twice: the prompts follow the data set's caption frequencies, as its FID reference)
-    assert sorted(eval_ids) == sorted(dataset.targets) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert sorted(eval_ids) == sorted(label for _, label in dataset.samples) == [0, 0, 1, 1, 2, 2, 3, 3]
     assert eval_ids == sample_eval_prompts(dataset, 10, 3) != sample_eval_prompts(dataset, 10, 4)
-    assert eval_ids != dataset.targets  # not the file-name order
+    assert eval_ids != [label for _, label in dataset.samples]  # not the file-name order
     five = sample_eval_prompts(dataset, 5, 3)
     assert len(five) == 5 and five == sample_eval_prompts(dataset, 5, 3)
     assert (out / "eval_prompts.txt").read_text(encoding="utf-8").splitlines() == [captions[i] for i in eval_ids]
