@@ -38,7 +38,8 @@ args = get_args_parser().parse_args(["--model", "JiT-T/4-Text", "--img_size", "3
                                      "--text_cache_dir", store_root])
 misc.init_distributed_mode(args)  # gloo on the CPU
 with open(captions_file, encoding="utf-8") as f:
-    data = types.SimpleNamespace(captions=f.read().splitlines())
+    captions = f.read().splitlines()
+data = types.SimpleNamespace(captions=captions, samples=[(None, i) for i in range(len(captions))])  # one image each
 report = {}
 for run in ("missing", "cached"):
     loads.append([])
