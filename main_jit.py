@@ -297,21 +297,6 @@ def sample_eval_prompts(dataset, num_images, seed):
     return [labels[i] for i in random.Random(seed).sample(range(len(labels)), min(num_images, len(labels)))]
 
 
-def report_truncated(tokenizer, captions, max_text_len, kind="captions", chunk=10000):
-    """Print one line when captions have more than max_text_len tokens, which the LLM never sees (the encoder
-    tokenizes with truncation): how many, and the longest. Counted as the encoder tokenizes (special tokens
-    included), chunk by chunk to bound memory. Returns (count, longest)."""
-    over, longest = 0, 0
-    for start in range(0, len(captions), chunk):
-        lengths = [len(ids) for ids in tokenizer(list(captions[start:start + chunk]), verbose=False)["input_ids"]]
-        over += sum(n > max_text_len for n in lengths)
-        longest = max([longest] + lengths)
-    if over:
-        print(f"{over} of {len(captions)} {kind} have more than --max_text_len {max_text_len} tokens (the longest "
-              f"{longest}): the LLM reads only their first {max_text_len}")
-    return over, longest
-
-
 def setup_captions(args, model_without_ddp, dataset, val_captions=()):
     """Give a -Text model its caption list (training captions, then evaluation prompts, then the captions of a
     --val_path) and the caption store that holds their LLM features (the missing ones embedded first, split across
@@ -326,8 +311,6 @@ def setup_captions(args, model_without_ddp, dataset, val_captions=()):
     eval_ids = (list(range(len(captions), len(captions) + len(prompts))) if args.prompts_file
                 else sample_eval_prompts(dataset, args.num_images, args.seed))
     captions = captions + (prompts if args.prompts_file else []) + list(val_captions)
-    if misc.is_main_process():  # one line for the run, not one per rank
-        report_truncated(model_without_ddp.net.y_embedder.caption_llm.tokenizer, captions, args.max_text_len)
     try:
         model_without_ddp.net.y_embedder.use_captions(captions, args.text_cache_dir, progress=misc.is_main_process())
     except ValueError as e:  # a store of another LLM (names its folder), features out of float16 range

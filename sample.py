@@ -199,11 +199,8 @@ def main(argv=None):
     model.to(device)
 
     if text:
-        from main_jit import report_truncated
-
         targets = cli_prompts(cli)
         embedder = model.net.y_embedder
-        report_truncated(embedder.caption_llm.tokenizer, targets, args.max_text_len, kind="prompts")
         try:  # the training captions' store: a prompt seen in training gets the very rows training read; the LLM's
             # weights are loaded only if a prompt is new to it, and released before sampling
             embedder.use_captions(targets, args.text_cache_dir)

@@ -106,6 +106,10 @@ class CaptionLLM:
         return self.tokenizer(list(captions), padding=True, truncation=True, max_length=self.max_text_len,
                               return_tensors="pt")
 
+    def token_counts(self, captions):
+        """Tokens of each caption before truncation to max_text_len (special tokens included, as tokenize counts)."""
+        return [len(ids) for ids in self.tokenizer(list(captions), verbose=False)["input_ids"]]
+
     def last_hidden_states(self, captions, model=None):
         """((B, T, hidden) float32 last hidden states, (B, T) attention mask) on the model's device; T is the longest
         caption of the batch (right padding, at most max_text_len tokens). model: a trainable LLM, run under bfloat16

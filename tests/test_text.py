@@ -564,8 +564,7 @@ def test_nested_image_without_its_nested_caption_is_reported(tmp_path):
     assert lines[2].startswith(f"  {root / 'captions' / 'a.txt'}: caption file without image (no a.jpg|jpeg|png|")
 
 
-def test_long_captions_are_counted_once_with_the_longest(tiny_llm_path, capsys):
-    from main_jit import report_truncated
+def test_long_captions_are_counted_once_with_the_longest(tiny_llm_path, tmp_path, capsys):
     enc = CaptionLLM(tiny_llm_path, max_text_len=8)
     sentence = "a red apple on a wooden table and a goldfish swimming in a bowl"
     prefixes = [sentence[:k] for k in range(1, len(sentence) + 1)]
@@ -573,15 +572,15 @@ def test_long_captions_are_counted_once_with_the_longest(tiny_llm_path, capsys):
     captions = [at_limit, "一匹の黒い猫が窓辺で眠っている 一匹の黒い猫が窓辺で眠っている", "猫", sentence]
     lengths = [len(ids) for ids in enc.tokenizer(captions)["input_ids"]]
     assert lengths[0] == 8 and lengths[2] < 8 and min(lengths[1], lengths[3]) > 8
+    assert enc.token_counts(captions) == lengths
     kept = enc.tokenize(captions)["attention_mask"].sum(1).tolist()
     assert kept == [8, 8, lengths[2], 8]  # what the LLM reads: the count below is of those cut
-    assert report_truncated(enc.tokenizer, captions, 8, chunk=3) == (2, max(lengths))
+    build_store(enc, captions, tmp_path, batch_size=3, progress=False)  # counted while embedding, across batches
     assert capsys.readouterr().out.splitlines() == [
         f"2 of 4 captions have more than --max_text_len 8 tokens (the longest {max(lengths)}): the LLM reads only "
         f"their first 8"]
-    assert report_truncated(enc.tokenizer, [at_limit, "猫"], 8) == (0, 8)
+    build_store(enc, captions + ["犬"], tmp_path, progress=False)  # the stored ones are not counted again
     assert capsys.readouterr().out == ""
-
 
 def test_imagenet_with_captions(tmp_path):
     names = imagenet_class_names()

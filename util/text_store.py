@@ -174,12 +174,17 @@ class CaptionStore:
         self._add_shard(name, captions)
 
     def embed(self, llm, captions, batch_size=64, shard_bytes=SHARD_BYTES, progress=True):
-        """Run the loaded LLM on `captions` (distinct, not yet stored) in batches; write a shard every shard_bytes."""
+        """Run the loaded LLM on `captions` (distinct, not yet stored) in batches; write a shard every shard_bytes.
+        Returns (captions longer than llm.max_text_len tokens, the longest in tokens): the LLM reads only the first."""
         pending_captions, pending_rows, pending_bytes = [], [], 0
+        truncated, longest = 0, 0
         with misc.progress(total=len(captions), desc="embedding captions", unit="caption", disable=not progress) as bar:
             for start in range(0, len(captions), batch_size):
                 chunk = captions[start:start + batch_size]
                 rows = llm.features(chunk)
+                token_counts = llm.token_counts(chunk)  # negligible beside the LLM's forward pass
+                truncated += sum(n > llm.max_text_len for n in token_counts)
+                longest = max([longest] + token_counts)
                 lengths = [len(r) for r in rows]
                 batch = torch.cat(rows).cpu()  # one float16 block per batch: few, large allocations
                 if not torch.isfinite(batch).all() or batch.abs().max() > FLOAT16_MAX:
@@ -196,6 +201,7 @@ class CaptionStore:
                     pending_captions, pending_rows, pending_bytes = [], [], 0
         if pending_captions:
             self._write_shard(pending_captions, pending_rows)
+        return truncated, longest
 
     def import_legacy_cache(self, llm, root):
         """Rows of the single-file cache of earlier versions (<root>/text_features_<key>.pt, float32 pooled
@@ -219,10 +225,23 @@ def _barrier():
         torch.distributed.barrier()
 
 
+def report_truncated(counts, embedded, max_text_len):
+    """One line on rank 0 when captions just embedded (by any rank) had more than max_text_len tokens, which the LLM
+    never sees: how many, and the longest. Collective: every rank hands its (count, longest)."""
+    counts = [counts]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        mine, counts = counts[0], [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(counts, mine)
+    truncated, longest = sum(n for n, _ in counts), max(m for _, m in counts)
+    if truncated and misc.is_main_process():
+        print(f"{truncated} of {embedded} captions have more than --max_text_len {max_text_len} tokens (the longest "
+              f"{longest}): the LLM reads only their first {max_text_len}")
+
+
 def build_store(llm, captions, root=None, device="cpu", batch_size=64, shard_bytes=SHARD_BYTES, progress=True):
     """The CaptionStore of `llm` (a CaptionLLM, frozen) under root (default_root()) holding every caption; the missing
     ones are embedded first on `device`, split across the ranks of a torch.distributed group (every rank must call
-    this). A rank loads the LLM's weights only if its share is not empty, and releases them before returning."""
+    this), and captions the LLM reads only in part are reported (report_truncated). A rank loads the LLM's weights only if its share is not empty, and releases them before returning."""
     captions = list(captions)
     bad = [c for c in captions if not isinstance(c, str)]
     if bad:
@@ -237,10 +256,11 @@ def build_store(llm, captions, root=None, device="cpu", batch_size=64, shard_byt
     missing = store.missing(captions)
     _barrier()  # every rank has its list of missing captions before any rank adds a shard (the shares must agree)
     share = missing[rank::world_size]
+    counts = (0, 0)
     if share:
         with llm.loaded(device):
-            store.embed(llm, share, batch_size=batch_size, shard_bytes=shard_bytes, progress=progress)
-    _barrier()
+            counts = store.embed(llm, share, batch_size=batch_size, shard_bytes=shard_bytes, progress=progress)
+    report_truncated(counts, len(missing), llm.max_text_len)
     if rank == 0 and (missing or store.unindexed):
         store.write_index()
     _barrier()
