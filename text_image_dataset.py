@@ -13,7 +13,7 @@ import warnings
 
 from torchvision.datasets import ImageFolder
 
-from util.data import IMAGE_EXTENSIONS
+from util.data import IMAGE_EXTENSIONS, index_captions
 
 IMAGENET_CLASSES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "util", "imagenet_classes.txt")
 CAPTION_EXTENSION = ".txt"  # matched in any case (.TXT)
@@ -118,14 +118,7 @@ class TextImageDataset:
         if not samples:
             raise ValueError(f"TextImageDataset({root}): no usable image/caption pairs")
 
-        self.captions = []
-        caption_ids = {}
-        self.samples = []
-        for image_path, caption in samples:
-            if caption not in caption_ids:
-                caption_ids[caption] = len(self.captions)
-                self.captions.append(caption)
-            self.samples.append((image_path, caption_ids[caption]))
+        self.captions, self.samples = index_captions(samples)
 
     @staticmethod
     def _read_caption(path):

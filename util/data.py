@@ -141,6 +141,15 @@ def holdout_split(samples, fraction, root):
     return ([s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held])
 
 
+def index_captions(pairs):
+    """(distinct captions in order of first appearance, [(item, caption id)]) of (item, caption) pairs: the caption
+    list of captioned data sets, whose ids the model reads like class labels."""
+    ids = {}
+    for _, caption in pairs:
+        ids.setdefault(caption, len(ids))
+    return list(ids), [(item, ids[caption]) for item, caption in pairs]
+
+
 def read_prompts(path):
     """The prompts of a --prompts_file, one per line (a UTF-8 BOM is dropped). A blank line is a ValueError naming
     the file and line: it would be an empty caption, or shift the prompts."""

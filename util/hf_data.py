@@ -15,7 +15,7 @@ import io
 import os
 import warnings
 
-from util.data import load_rgb
+from util.data import index_captions, load_rgb
 
 HF_PREFIX = "hf:"
 INTEGER_DTYPES = {f"{sign}int{bits}" for sign in ("", "u") for bits in (8, 16, 32, 64)}
@@ -187,12 +187,7 @@ class HFImages:
         if labels == "class":
             self.samples = [(Row(self.images, i), values[i]) for i in kept]
             return
-        self.captions, caption_ids = [], {}
-        for i in kept:
-            if values[i] not in caption_ids:
-                caption_ids[values[i]] = len(self.captions)
-                self.captions.append(values[i])
-        self.samples = [(Row(self.images, i), caption_ids[values[i]]) for i in kept]
+        self.captions, self.samples = index_captions([(Row(self.images, i), values[i]) for i in kept])
 
 
 def read_column(dataset, column):
