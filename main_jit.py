@@ -508,6 +508,10 @@ def main(args):
         model = distribute(model_without_ddp, device)
     stop_requests = StopRequests(args.save_every_minutes)
 
+    def save(epoch, next_step, name="last"):  # collective; True when the checkpoint was written
+        return save_for_resume(args, model_without_ddp, optimizer, stop_requests, epoch, next_step, steps_per_epoch,
+                               name)
+
     print(f"training epochs {start_epoch}..{args.epochs - 1}")
     start_time = time.time()
     last_saved = True  # whether the latest checkpoint-last.pth write (the last epoch's, at the end) succeeded
@@ -523,19 +527,16 @@ def main(args):
             except UnreadableImage as e:  # the one-line message, without the (worker's) traceback
                 raise SystemExit(e.line) from None
             if why != "done":
-                saved = save_for_resume(args, model_without_ddp, optimizer, stop_requests, epoch, step,
-                                        steps_per_epoch)
+                saved = save(epoch, step)
             if why == "preempted":
                 exit_preempted(stop_requests.signal_received, epoch, step, saved)
         if val_loader is not None:
             validate(model_without_ddp, val_loader, device, epoch, log_writer, args, (epoch + 1) * steps_per_epoch)
         last_epoch = epoch + 1 == args.epochs
         if epoch % args.save_last_freq == 0 or last_epoch:
-            last_saved = save_for_resume(args, model_without_ddp, optimizer, stop_requests, epoch, steps_per_epoch,
-                                         steps_per_epoch)
+            last_saved = save(epoch, steps_per_epoch)
         if epoch % 100 == 0 and epoch > 0:
-            save_for_resume(args, model_without_ddp, optimizer, stop_requests, epoch, steps_per_epoch, steps_per_epoch,
-                            name=str(epoch))
+            save(epoch, steps_per_epoch, name=str(epoch))
         if args.online_eval and (epoch % args.eval_freq == 0 or last_epoch):
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 evaluate_sweep(model_without_ddp, args, epoch, log_writer, device, inception, ref_stats,
