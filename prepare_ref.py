@@ -21,7 +21,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from util import fid
 from util.misc import default_device, progress
 from util.crop import center_crop_arr
-from util.data import IMAGE_EXTENSIONS, load_rgb
+from util.data import IMAGE_EXTENSIONS, load_sample
 from util.hf_data import HFImages, is_hf_source
 from util.shards import ShardDataset, is_shard_folder
 
@@ -74,23 +74,25 @@ def find_images(data_path, max_images=None):
 
 
 class CroppedImages(Dataset):
-    """uint8 (3, size, size) ADM center crops; also saves each as <png_dir>/<index>_<name>.png when png_dir is set."""
+    """uint8 (3, size, size) ADM center crops of image files or Hugging Face data set rows (util/hf_data.Row), decoded
+    as in training (util/data.load_sample); also saves each as <png_dir>/<index>_<name>.png when png_dir is set."""
 
-    def __init__(self, root, files, size, png_dir=None):
-        self.root, self.files, self.size, self.png_dir = root, files, size, png_dir
+    def __init__(self, sources, size, png_dir=None):
+        self.sources, self.size, self.png_dir = sources, size, png_dir
 
     def __len__(self):
-        return len(self.files)
+        return len(self.sources)
 
     def __getitem__(self, index):
-        path = self.files[index]
+        source = self.sources[index]
         try:
-            image = center_crop_arr(load_rgb(path), self.size)
+            image = center_crop_arr(load_sample(source), self.size)
         except Exception as e:
-            raise RuntimeError(f"cannot read image {path}: {e}") from None
+            raise RuntimeError(f"cannot read image {source}: {e}") from None
         if self.png_dir:
-            stem = os.path.splitext(os.path.basename(path))[0]
-            image.save(os.path.join(self.png_dir, f"{index:08d}_{stem}.png"), compress_level=0)
+            name = (os.path.splitext(os.path.basename(source))[0] if isinstance(source, str)
+                    else f"row{source.index}")
+            image.save(os.path.join(self.png_dir, f"{index:08d}_{name}.png"), compress_level=0)
         return pil_to_tensor(image)
 
 
@@ -123,36 +125,15 @@ def shard_images(args):
     return ShardImages(shards, indices, args.png_dir)
 
 
-class RowImages(Dataset):
-    """uint8 (3, size, size) ADM center crops of Hugging Face data set rows (util/hf_data.Row), saved like
-    CroppedImages."""
-
-    def __init__(self, rows, size, png_dir=None):
-        self.rows, self.size, self.png_dir = rows, size, png_dir
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, index):
-        row = self.rows[index]
-        try:
-            image = center_crop_arr(row.load(), self.size)
-        except Exception as e:
-            raise RuntimeError(f"cannot read image {row}: {e}") from None
-        if self.png_dir:
-            image.save(os.path.join(self.png_dir, f"{index:08d}_row{row.index}.png"), compress_level=0)
-        return pil_to_tensor(image)
-
-
 def row_images(args):
-    """RowImages of a Hugging Face --data_path, with the --max_images subset."""
+    """CroppedImages of the rows of a Hugging Face --data_path, with the --max_images subset."""
     try:
         rows = [row for row, _ in HFImages(args.data_path, args.hf_split, args.hf_image_column).samples]
     except ValueError as e:
         raise SystemExit(f"prepare_ref.py: error: {e}")
     if args.max_images is not None and args.max_images < len(rows):
         rows = [rows[i] for i in sorted(random.Random(0).sample(range(len(rows)), args.max_images))]
-    return RowImages(rows, args.img_size, args.png_dir)
+    return CroppedImages(rows, args.img_size, args.png_dir)
 
 
 def main(args):
@@ -166,7 +147,7 @@ def main(args):
         print(f"{len(images)} images from {args.data_path} split {args.hf_split}, center crop {args.img_size}")
     else:
         root, files = find_images(args.data_path, args.max_images)
-        images = CroppedImages(root, files, args.img_size, args.png_dir)
+        images = CroppedImages(files, args.img_size, args.png_dir)
         print(f"{len(files)} images from {root}, center crop {args.img_size}")
     if args.png_dir:
         os.makedirs(args.png_dir, exist_ok=True)

@@ -293,7 +293,7 @@ def test_a_transparent_png_decodes_the_same_on_every_path(tmp_path, make_args):
         args.rank, args.world_size = 0, 1
         images, _ = next(iter(build_train_loader(args, build_dataset(args, text))))  # the training loader's batch
         decoded[kind] = images[0]
-    decoded["prepare_ref"] = prepare_ref.CroppedImages(*prepare_ref.find_images(str(tmp_path / "text")), 32)[0]
+    decoded["prepare_ref"] = prepare_ref.CroppedImages(prepare_ref.find_images(str(tmp_path / "text"))[1], 32)[0]
     for kind, image in decoded.items():
         pixels = image.permute(1, 2, 0).numpy().astype(int)
         assert image.dtype == torch.uint8 and np.abs(pixels - expected).max() <= 1, kind
