@@ -157,7 +157,7 @@ def test_fid_matches_torch_fidelity_folder_path(net, converted, two_sets, two_se
     pool1, pool2 = two_sets_features
     stats_file = str(tmp_path / "ref.npz")
     fid.save_stats(stats_file, fid.features_to_stats(pool2))
-    ours = fid.compute_metrics(pool1, None, stats_file, net.source)
+    ours = fid.compute_metrics(pool1, None, fid.load_stats(stats_file), net.source)
 
     folder1, folder2 = write_pngs(two_sets[0], tmp_path / "set1"), write_pngs(two_sets[1], tmp_path / "set2")
     theirs = torch_fidelity.calculate_metrics(

@@ -302,11 +302,11 @@ def inception_score(logits, splits=10):
 
 def compute_metrics(pool, logits, ref_stats, inception_source=None):
     """{'fid', 'inception_score', 'inception_source'} of generated images' features against reference statistics
-    (an npz path or a {'mu', 'sigma'} dict). inception_score is None when logits is None (no classifier)."""
-    ref = load_stats(ref_stats) if isinstance(ref_stats, (str, os.PathLike)) else ref_stats
-    check_stats(ref, "reference statistics")
+    (a {'mu', 'sigma'} dict: load_stats of --fid_stats, read once per run). inception_score is None when logits is
+    None (no classifier)."""
+    check_stats(ref_stats, "reference statistics")
     return {
-        "fid": fid_from_stats(features_to_stats(pool), ref),
+        "fid": fid_from_stats(features_to_stats(pool), ref_stats),
         "inception_score": None if logits is None else inception_score(logits),
         "inception_source": inception_source,
     }
