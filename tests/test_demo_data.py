@@ -113,7 +113,6 @@ def test_demo_reads_the_one_fid_line_and_grids_with_save_grid(tmp_path):
     assert [int(grid[2 + 10 * d, 2, 0]) for d in range(10)] == [20 * d for d in range(10)]
 
 
-@pytest.mark.long
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
     """`demo.py --quick` shows training work: the FID drops well below the untrained model's flat gray (measured

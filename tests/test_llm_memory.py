@@ -72,7 +72,6 @@ def test_trainable_llm_is_a_submodule_with_a_memory_warning(make_args, tiny_llm_
     assert "\n" not in line and f"{n / 1e9:.2f}B parameters" in line and f"{24 * n / 1e9:.1f} GB" in line
 
 
-@pytest.mark.long
 @pytest.mark.slow  # ~35 s here: two ranks start Python, torch and transformers
 def test_two_ranks_load_only_their_share_and_nothing_when_cached(tiny_llm_path, tmp_path):
     """Three captions stored beforehand, two missing: each rank embeds one (one load each, released); started

@@ -143,7 +143,6 @@ def test_adherence_table():
     assert re.search(r"ceiling \(scorer on real\)\s+100.0%", table)
 
 
-@pytest.mark.long
 @pytest.mark.slow
 def test_text_demo_quick_end_to_end(tmp_path, tiny_llm_path):
     out = tmp_path / "quick"

@@ -346,7 +346,6 @@ def test_tokens_store_holds_every_real_token(tiny_llm_path, tmp_path):
     assert os.path.getsize(os.path.join(store.folder, shard[0])) < 2 * 32 * sum(lengths) + 8 * 5 + 2000
 
 
-@pytest.mark.long
 @pytest.mark.slow
 def test_store_of_100k_captions_keeps_memory_bounded(tiny_llm_path, tmp_path):
     """100,000 distinct captions (12 tokens each), per-token features: a 78 MB store. After a warm-up build of one

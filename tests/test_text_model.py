@@ -246,7 +246,6 @@ def test_default_eval_prompts_are_a_seeded_sample_written_beside_the_results(cap
         f"{name}: {captions[eval_ids[n % 8]]}" for n, name in enumerate(names)]
 
 
-@pytest.mark.long
 @pytest.mark.slow
 def test_main_trains_and_evaluates_a_text_model(caption_folder, tiny_llm_path, tmp_path):
     from util import fid
