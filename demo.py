@@ -1,6 +1,6 @@
 """JiT in one command, on a laptop CPU: train a small class-conditional JiT on handwritten digits and see it work.
 
-    python demo.py                      # ~12 minutes on 2 CPU cores; writes ./demo_output
+    python demo.py                      # ~5 minutes on 2 CPU cores; writes ./demo_output
     python demo.py --quick              # ~1 minute: JiT-T/4 at 16 px, 112 steps, FID drop + digit grid; ./demo_output_quick
     python demo.py --text               # text-to-image: JiT-T/4-Text + SmolLM2 on coloured shapes, prompt adherence
                                         # per attribute (util/shapes.py); ./demo_text_output (README: the benchmark)
@@ -389,7 +389,7 @@ def get_args_parser():
     parser.add_argument("--out", default=None,
                         help="output folder (default ./demo_output, ./demo_output_quick with --quick)")
     parser.add_argument("--epochs", default=None, type=int,
-                        help=f"training epochs of 25 steps (default {DEFAULT_EPOCHS}: ~8 minutes on 2 CPU cores; "
+                        help=f"training epochs of 25 steps (default {DEFAULT_EPOCHS}: ~4 minutes on 2 CPU cores; "
                              f"{QUICK['epochs']} of 14 steps with --quick)")
     parser.add_argument("--device", default=None, help="cuda, cpu or mps (default: cuda if available, else cpu)")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
