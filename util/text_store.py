@@ -241,7 +241,8 @@ def report_truncated(counts, embedded, max_text_len):
 def build_store(llm, captions, root=None, device="cpu", batch_size=64, shard_bytes=SHARD_BYTES, progress=True):
     """The CaptionStore of `llm` (a CaptionLLM, frozen) under root (default_root()) holding every caption; the missing
     ones are embedded first on `device`, split across the ranks of a torch.distributed group (every rank must call
-    this), and captions the LLM reads only in part are reported (report_truncated). A rank loads the LLM's weights only if its share is not empty, and releases them before returning."""
+    this), and captions the LLM reads only in part are reported (report_truncated). A rank loads the LLM's weights
+    only if its share is not empty, and releases them before returning."""
     captions = list(captions)
     bad = [c for c in captions if not isinstance(c, str)]
     if bad:
