@@ -37,7 +37,6 @@ class Denoiser(nn.Module):
                          attn_drop=args.attn_dropout, proj_drop=args.proj_dropout,
                          attn_impl=getattr(args, "attn_impl", "sdpa"), y_embedder=y_embedder)
         self.img_size = args.img_size
-        self.num_classes = args.class_num
         # the label of the unconditional branch: the extra class row, or caption index -1 for text models
         self.null_label = -1 if text_encoder is not None else args.class_num
         self.label_drop_prob = args.label_drop_prob

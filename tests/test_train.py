@@ -98,7 +98,7 @@ def test_torchrun_train_resume_evaluate(image_folder, tmp_path):
         png_dir = out / f"images_epoch2_cfg2_ema{ema}"
         names = sorted(os.listdir(png_dir))
         assert names == [f"{i:06d}_class{i % 2}.png" for i in range(6)]
-        images = torch.stack([torch.from_numpy(np.asarray(Image.open(png_dir / n))).permute(2, 0, 1) for n in names])
+        images = torch.stack([torch.from_numpy(np.array(Image.open(png_dir / n))).permute(2, 0, 1) for n in names])
         # the FID of the gathered in-memory features equals one computed here from the saved PNGs
         pool, _ = fid.inception_features(inception, images)
         expected = fid.fid_from_stats(fid.features_to_stats(pool), fid.load_stats(stats))
