@@ -1,9 +1,10 @@
 """Caption-conditioned data sets for text-to-image training (an extension: the JiT release is class-conditional).
 
 Each is an index: `.samples` the (image path, caption_id) pairs that util/data.ImageSamples loads, as it does an
-ImageFolder's, and `.captions` the captions caption_id indexes. Each caption is embedded once by the frozen LLM into the caption feature store (util/text_store.py), whose
-rows the model looks up by caption_id like a class label. Images are decoded by util/data.load_rgb, the decoder of
-every data path (transparency over white, 16-bit rescaled), when the training loader reads a sample.
+ImageFolder's, and `.captions` the captions caption_id indexes. Each caption is embedded once by the frozen LLM into
+the caption feature store (util/text_store.py), whose rows the model looks up by caption_id like a class label.
+Images are decoded by util/data.load_rgb, the decoder of every data path (transparency over white, 16-bit
+rescaled), when the training loader reads a sample.
 """
 import collections
 import os
@@ -148,7 +149,8 @@ def imagenet_class_names():
 
 class ImageNetWithCaptions(ImageFolder):
     """ImageFolder over the 1000 ImageNet class folders (wnids such as n01440764, sorted = class index order),
-    captioned "<English class name>の写真" (IMAGENET_CAPTION): caption_id == class index, `.captions[i]` is class i's caption.
+    captioned "<English class name>の写真" (IMAGENET_CAPTION): caption_id == class index, `.captions[i]` is class i's
+    caption.
 
     The English names are torchvision's IMAGENET1K categories (util/imagenet_classes.txt; all 1000 are distinct).
     Any other layout (another class count, folders that are not wnids) is rejected: the names could not be matched.
