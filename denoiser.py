@@ -104,15 +104,22 @@ class Denoiser(nn.Module):
     # ------------------------------------------------------------------ sampling
     # cfg, steps, interval (low, high) and method are per call; None means the model's configured value (--cfg,
     # --num_sampling_steps, --interval_min/--interval_max, --sampling_method)
-    def cfg_weight(self, t, cfg=None, interval=None):
-        """Guidance weight at time t (a float): cfg inside the interval, 1 outside."""
+    def time_grid(self, steps=None, device=None):
+        """The sampler's times: torch.linspace(0, 1, steps + 1) in float32, as the release builds them."""
+        steps = self.num_sampling_steps if steps is None else steps
+        return torch.linspace(0.0, 1.0, steps + 1, device=device)
+
+    def guidance_weights(self, grid, cfg=None, interval=None):
+        """The guidance weight at each time of `grid`: cfg where low < t < high (low == 0 includes t = 0), else 1.
+        Decided on the float32 grid with the release's expression: at 30, 60, 120 or 240 steps the point meant as
+        0.1 is just above float32(0.1), so an interval starting at 0.1 guides there, as published."""
         low, high = self.cfg_interval if interval is None else interval
         cfg = self.cfg_scale if cfg is None else cfg
-        return cfg if (t < high and (low == 0 or t > low)) else 1.0
+        guided = (grid < high) & ((low == 0) | (grid > low))
+        return [cfg if g else 1.0 for g in guided.tolist()]
 
-    def velocity(self, z, t, t_value, labels, cfg=None, interval=None):
-        """Guided velocity at time t ((B, 1, 1, 1) tensor holding the float t_value up to float32 rounding)."""
-        w = self.cfg_weight(t_value, cfg, interval)
+    def velocity(self, z, t, w, labels):
+        """Velocity at time t ((B, 1, 1, 1)) guided with weight w: v_u + w (v_c - v_u)."""
         denom = (1.0 - t).clamp_min(self.t_eps)
         if w == 1.0:  # v_u + 1 * (v_c - v_u) = v_c: the null-label pass would not change the result
             return (self.net(z, t.flatten(), labels) - z) / denom
@@ -120,12 +127,6 @@ class Denoiser(nn.Module):
         x_cond, x_uncond = self.net(torch.cat([z, z]), t.flatten().repeat(2), torch.cat([labels, null])).chunk(2)
         v_cond, v_uncond = (x_cond - z) / denom, (x_uncond - z) / denom
         return v_uncond + w * (v_cond - v_uncond)
-
-    def time_grid(self, steps=None):
-        """The sampler's times i / steps, i = 0..steps, as exact floats: float32 rounding (0.1 -> 0.10000000149)
-        would put a grid point that equals a CFG-interval bound inside the interval."""
-        steps = self.num_sampling_steps if steps is None else steps
-        return [i / steps for i in range(steps + 1)]
 
     def step_methods(self, steps=None, method=None):
         """The method of each ODE step: --sampling_method, but the last step is always Euler, so the network is never
@@ -139,35 +140,33 @@ class Denoiser(nn.Module):
     def network_evaluations(self, cfg=None, steps=None, interval=None, method=None):
         """Network evaluations per sample of generate() with these settings: one velocity per Euler step, two per
         Heun step, each doubled by the null-label pass where the guidance weight is not 1."""
-        grid = self.time_grid(steps)
+        weights = self.guidance_weights(self.time_grid(steps, "cpu"), cfg, interval)  # a count: on any device
         methods = self.step_methods(steps, method)
-        times = [t for i, m in enumerate(methods) for t in grid[i:i + (2 if m == "heun" else 1)]]
-        return sum(1 if self.cfg_weight(t, cfg, interval) == 1.0 else 2 for t in times)
+        return sum(1 if w == 1.0 else 2 for i, m in enumerate(methods) for w in weights[i:i + (2 if m == "heun" else 1)])
 
     @torch.no_grad()
     def generate(self, labels, cfg=None, steps=None, interval=None, method=None, on_step=None):
         """Samples for labels (B,); on_step() is called after every ODE step (progress bars)."""
-        steps = self.num_sampling_steps if steps is None else steps
-        guidance = {"cfg": cfg, "interval": interval}
         bsz = labels.shape[0]
         z = self.noise_scale * torch.randn(bsz, 3, self.img_size, self.img_size, device=labels.device)
-        grid = torch.linspace(0.0, 1.0, steps + 1, device=labels.device)
-        grid_values = self.time_grid(steps)  # for the CFG-interval decisions
+        grid = self.time_grid(steps, labels.device)
+        # decided on the sampling device's grid, as the release does; a meta grid (FLOP counting) has no values
+        weights = self.guidance_weights(self.time_grid(steps, "cpu") if grid.is_meta else grid, cfg, interval)
         times = grid.view(-1, 1, 1, 1, 1).expand(-1, bsz, 1, 1, 1)
         for i, m in enumerate(self.step_methods(steps, method)):
-            args = (z, times[i], times[i + 1], grid_values[i], grid_values[i + 1], labels)
-            z = self.heun_step(*args, **guidance) if m == "heun" else self.euler_step(*args, **guidance)
+            args = (z, times[i], times[i + 1], weights[i], weights[i + 1], labels)
+            z = self.heun_step(*args) if m == "heun" else self.euler_step(*args)
             if on_step is not None:
                 on_step()
         return z
 
-    def euler_step(self, z, t, t_next, t_value, t_next_value, labels, cfg=None, interval=None):
-        return z + (t_next - t) * self.velocity(z, t, t_value, labels, cfg, interval)
+    def euler_step(self, z, t, t_next, w, w_next, labels):
+        return z + (t_next - t) * self.velocity(z, t, w, labels)
 
-    def heun_step(self, z, t, t_next, t_value, t_next_value, labels, cfg=None, interval=None):
-        v_t = self.velocity(z, t, t_value, labels, cfg, interval)
+    def heun_step(self, z, t, t_next, w, w_next, labels):
+        v_t = self.velocity(z, t, w, labels)
         z_euler = z + (t_next - t) * v_t
-        v_t_next = self.velocity(z_euler, t_next, t_next_value, labels, cfg, interval)
+        v_t_next = self.velocity(z_euler, t_next, w_next, labels)
         return z + (t_next - t) * (0.5 * (v_t + v_t_next))
 
     # ------------------------------------------------------------------ EMA

@@ -201,8 +201,10 @@ class JiT(nn.Module):
     def __init__(self, input_size=256, patch_size=16, in_channels=3, hidden_size=1024, depth=24, num_heads=16,
                  mlp_ratio=4.0, attn_drop=0.0, proj_drop=0.0, num_classes=1000, bottleneck_dim=128,
                  in_context_len=32, in_context_start=8, attn_impl="sdpa", y_embedder=None):
-        """y_embedder: None for the class embedding (LabelEmbedder), or a callable hidden_size -> condition module
-        (built here, where the release builds its label table, so a seed gives the same initial weights)."""
+        """y_embedder: None for the class embedding (LabelEmbedder, built where the release builds its label table, so
+        a seed gives the release's initial weights), or a callable hidden_size -> condition module (-Text models: its
+        draws replace the label table's, and the text projection is drawn before the network, so every random tensor
+        of a -Text model differs from the class model's of the same seed)."""
         super().__init__()
         if input_size % patch_size != 0:
             raise ValueError(f"img_size {input_size} is not a multiple of the patch size {patch_size}")
@@ -233,7 +235,9 @@ class JiT(nn.Module):
         self.register_buffer("rope_cos", rope_cos, persistent=False)
         self.register_buffer("rope_sin", rope_sin, persistent=False)
 
-        dropout_blocks = range(depth // 4, 3 * depth // 4)  # dropout only in the middle half of the network
+        # dropout only in the middle of the network, with the release's bounds: depth // 4 * 3, not 3 * depth // 4
+        # (equal for depths divisible by 4; JiT-T's depth 6 gives blocks 1-2, not 1-3)
+        dropout_blocks = range(depth // 4, depth // 4 * 3)
         self.blocks = nn.ModuleList([
             JiTBlock(hidden_size, num_heads, mlp_ratio,
                      attn_drop=attn_drop if i in dropout_blocks else 0.0,

@@ -2,6 +2,7 @@
 (github.com/LTH14/JiT)."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -75,7 +76,7 @@ def test_args_reach_the_network(make_args):
     assert den.net.grid_size == 4 and den.net.num_classes == NUM_CLASSES
     assert den.net.y_embedder.embedding_table.num_embeddings == NUM_CLASSES + 1
     assert all(b.attn.attn_impl == "fp32" for b in den.net.blocks)
-    assert [b.mlp.ffn_dropout.p for b in den.net.blocks] == [0.0, 0.3, 0.3, 0.3, 0.0, 0.0]  # depth 6: 6//4 .. 3*6//4
+    assert [b.mlp.ffn_dropout.p for b in den.net.blocks] == [0.0, 0.3, 0.3, 0.0, 0.0, 0.0]  # depth 6: 6 // 4 .. 6 // 4 * 3
 
 
 # ---------------------------------------------------------------------------------------------- training loss
@@ -316,20 +317,63 @@ def test_generate_with_cfg_interval(make_args, steps, interval):
     assert cond_rows == 2 * len(evals) and null_rows == 2 * n_guided
 
 
-def test_cfg_weight_at_interval_boundaries(make_args):
+def float32_neighbours(value):
+    """The float32 values just below and just above float32(value)."""
+    v = np.float32(value)
+    return float(np.nextafter(v, np.float32(0))), float(np.nextafter(v, np.float32(1)))
+
+
+def test_guidance_weights_at_interval_boundaries_are_decided_in_float32(make_args):
     den = analytic_denoiser(make_args, "--cfg", "3.0", "--interval_min", "0.1", "--interval_max", "0.9")
-    assert den.cfg_weight(0.0) == 1.0
-    assert den.cfg_weight(0.1) == 1.0
-    assert den.cfg_weight(0.1 + 1e-9) == 3.0
-    assert den.cfg_weight(0.5) == 3.0
-    assert den.cfg_weight(0.9 - 1e-9) == 3.0
-    assert den.cfg_weight(0.9) == 1.0
-    assert den.cfg_weight(1.0) == 1.0
+    below_01, above_01 = float32_neighbours(0.1)
+    below_09, above_09 = float32_neighbours(0.9)
+    points = [0.0, below_01, 0.1, 0.1 + 1e-9, above_01, 0.5, below_09, 0.9 - 1e-9, 0.9, above_09, 1.0]
+    # 0.1 + 1e-9 and 0.9 - 1e-9 are float32(0.1) and float32(0.9): on the bounds, not inside
+    assert den.guidance_weights(torch.tensor(points)) == [1, 1, 1, 1, 3, 3, 3, 1, 1, 1, 1]
     den0 = analytic_denoiser(make_args, "--cfg", "3.0", "--interval_min", "0.0", "--interval_max", "1.0")
-    assert den0.cfg_weight(0.0) == 3.0  # interval_min == 0 includes t = 0
-    assert den0.cfg_weight(1e-9) == 3.0
-    assert den0.cfg_weight(0.99) == 3.0
-    assert den0.cfg_weight(1.0) == 1.0
+    assert den0.guidance_weights(torch.tensor([0.0, 1e-9, 0.99, 1.0])) == [3, 3, 3, 1]  # min 0 includes t = 0
+
+
+RELEASE_INTERVALS = [(0.1, 1.0), (0.0, 1.0), (0.1, 0.9), (0.2, 1.0), (0.0, 0.5), (0.3, 0.7), (0.25, 0.75)]
+
+
+def release_evaluations(steps, interval, method):
+    """Network evaluations per sample by the release's rule: its float32 torch.linspace(0, 1, steps + 1) grid,
+    guided where (t < high) & ((low == 0) | (t > low)); Heun also at t', the last step Euler."""
+    t = torch.linspace(0, 1, steps + 1)
+    low, high = interval
+    guided = ((t < high) & ((low == 0) | (t > low))).tolist()
+    times = [i for i in range(steps - 1) for i in ((i, i + 1) if method == "heun" else (i,))] + [steps - 1]
+    return sum(2 if guided[i] else 1 for i in times)
+
+
+def test_cfg_interval_follows_the_release_at_every_step_count(make_args):
+    """2-300 steps x common intervals, Heun and Euler: the guided evaluations are the release's, including the
+    float32 grid points the exact rule i / steps would decide otherwise (t = 0.1 at 30, 60, 120, 240 steps)."""
+    den = analytic_denoiser(make_args, "--cfg", "2.0")
+    differs_from_exact = set()
+    for steps in range(2, 301):
+        for interval in RELEASE_INTERVALS:
+            for method in ("heun", "euler"):
+                expected = release_evaluations(steps, interval, method)
+                assert den.network_evaluations(steps=steps, interval=interval, method=method) == expected
+                low, high = interval
+                exact = [i / steps < high and (low == 0 or i / steps > low) for i in range(steps + 1)]
+                times = [j for i in range(steps - 1) for j in ((i, i + 1) if method == "heun" else (i,))]
+                if expected != sum(2 if exact[i] else 1 for i in times + [steps - 1]):
+                    differs_from_exact.add((steps, interval))
+    assert {(30, (0.1, 1.0)), (60, (0.1, 1.0)), (120, (0.1, 1.0)), (240, (0.1, 1.0))} <= differs_from_exact
+    assert (50, (0.1, 1.0)) not in differs_from_exact
+
+
+def test_generate_guides_at_the_float32_grid_point_above_0_1(make_args):
+    """At 30 steps the grid point meant as 0.1 (float32 0.1000000089) gets the null-label pass, as in the release."""
+    den = analytic_denoiser(make_args, "--cfg", "2.0", "--interval_min", "0.1", "--num_sampling_steps", "30",
+                            "--sampling_method", "euler")
+    den.generate(torch.tensor([1, 2]))
+    guided = [len(y) == 4 for _, _, y in den.net.calls]
+    assert guided[:5] == [False, False, False, True, True]
+    assert den.net.calls[3][1][0].item() == pytest.approx(0.1, abs=1e-7) and sum(guided) == 27
 
 
 def test_guided_velocity_is_v_u_plus_w_times_difference(make_args):
@@ -340,7 +384,7 @@ def test_guided_velocity_is_v_u_plus_w_times_difference(make_args):
     x0 = den.net.x0
     for t_value, w in [(0.5, 2.0), (0.2, 1.0), (0.98, 2.0)]:
         t = torch.full((2, 1, 1, 1), t_value)
-        v = den.velocity(z, t, t_value, labels)
+        v = den.velocity(z, t, den.guidance_weights(t.flatten()[:1])[0], labels)
         d = max(1 - t_value, 0.05)
         v_c = (x0[labels] + 0.3 * t_value * z - z) / d
         v_u = (x0[NUM_CLASSES] + 0.3 * t_value * z - z) / d
@@ -367,7 +411,7 @@ def test_generate_settings_per_call_equal_the_configured_ones(make_args):
     assert torch.equal(out, expected)
     assert [c[2].tolist() for c in default.net.calls] == [c[2].tolist() for c in configured.net.calls]
     assert (default.cfg_scale, default.num_sampling_steps, default.cfg_interval, default.sampling_method) == before
-    assert default.time_grid(6) == configured.time_grid()
+    assert torch.equal(default.time_grid(6), configured.time_grid())
     assert default.step_methods(6, "heun") == configured.step_methods()
     rows_per_label = sum(len(c[2]) for c in configured.net.calls) // len(labels)  # a guided call has 2B rows
     assert default.network_evaluations(**settings) == configured.network_evaluations() == rows_per_label

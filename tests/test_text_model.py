@@ -79,6 +79,20 @@ def test_text_init_for_a_seed_is_unchanged(text_args, mode, qkv_sumsq, rand_afte
         assert sumsq["net.y_embedder.token_proj.weight"] == pytest.approx(55.768792999045885, rel=1e-9)
 
 
+def test_text_init_differs_from_the_class_init_of_the_same_seed(text_args, make_args):
+    """What JiT's docstring says of -Text initial weights: the text projection is drawn before the network, so every
+    random tensor of the body differs from the class model's of the same seed; only the fixed tables agree."""
+    models = {}
+    for kind, args, seed in (("text", text_args(), 0), ("class", make_args(), 0), ("class seed 1", make_args(), 1)):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            models[kind] = Denoiser(args).state_dict()
+    text, body = models["text"], [k for k in models["class"] if not k.startswith("net.y_embedder.")]
+    drawn = {k for k in body if not torch.equal(models["class"][k], models["class seed 1"][k])}
+    assert len(drawn) == 29  # JiT-T/4: patch embedding x2, t MLP x2, in-context tokens, 4 linears x 6 blocks
+    assert {k for k in body if torch.equal(models["class"][k], text[k])} == set(body) - drawn
+
+
 def test_condition_is_projected_cached_features_and_null_is_learned(text_args):
     model = with_captions(Denoiser(text_args()))
     embedder = model.net.y_embedder
