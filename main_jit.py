@@ -4,6 +4,7 @@ import atexit
 import os
 import random
 import shlex
+import socket
 import sys
 import time
 
@@ -24,8 +25,8 @@ from model_jit import ATTN_IMPLS, JiT_models
 from text_conditioning import TEXT_CONDITIONINGS, trainable_llm_warning
 from text_image_dataset import ImageNetWithCaptions, TextImageDataset
 from util import fid
-from util.checkpoint import (load_checkpoint, read_checkpoint, remove_stale_temporaries, resolve_checkpoint_path,
-                             rng_state, save_checkpoint, set_rng_state)
+from util.checkpoint import (checkpoints_in, continue_point, load_checkpoint, read_checkpoint, remove_stale_temporaries,
+                             resolve_checkpoint_path, rng_state, save_checkpoint, set_rng_state)
 from util.data import (ImageSamples, ResumableSampler, UnreadableImage, check_data, holdout_split, read_prompts,
                        train_transform)
 from util.hf_data import HFImages, is_hf_source
@@ -333,26 +334,103 @@ def check_resume_compatible(args, path, saved):
             raise SystemExit(f"--resume {path}: the checkpoint has --{flag} {theirs}, this run --{flag} {ours}")
 
 
-def resume(args, model_without_ddp, optimizer):
-    """Load --resume; returns (epoch, step within it) to continue from. Checkpoints of ours carry resume_state
-    (mid-epoch position and every rank's RNG states); official ones continue at the next epoch."""
+def choose_checkpoint(args):
+    """The checkpoint file this run continues from, or None for a fresh start: decided on rank 0, followed by every
+    rank (a node that cannot see the checkpoint would otherwise start at epoch 0 while the others resume). Stops every
+    rank with one line when --resume names nothing, when --evaluate_gen finds no checkpoint in a --resume folder, or
+    when the run would write over checkpoints that --output_dir already holds."""
+    decision = [None, None]  # (path, error)
+    if misc.is_main_process():
+        try:
+            decision = [resolve_checkpoint_path(args.resume), None]
+        except FileNotFoundError as e:
+            decision = [None, str(e)]
+        if decision[1] is None:
+            decision[1] = refuse_to_start(args, decision[0])
+    if misc.is_dist_avail_and_initialized():
+        torch.distributed.broadcast_object_list(decision, src=0)
+    path, error = decision
+    if error:
+        raise SystemExit(error)
+    return path
+
+
+def refuse_to_start(args, path):
+    """Why this run must not start with checkpoint `path` (None: fresh), or None. Evaluation never writes checkpoints;
+    training writes checkpoint-last.pth and checkpoint-<epoch>.pth into --output_dir, which must not replace another
+    run's: only a run continuing a checkpoint of that folder may."""
+    if args.evaluate_gen:
+        if args.resume and path is None:
+            return (f"--resume {args.resume}: no checkpoint-last.pth there, nothing to evaluate (without --resume, "
+                    f"--evaluate_gen evaluates the initial weights of --seed)")
+        return None
+    continues_here = path is not None and os.path.realpath(os.path.dirname(os.path.abspath(path))) == \
+        os.path.realpath(args.output_dir)
+    if continues_here:
+        return None
+    held = checkpoints_in(args.output_dir)
+    if not held:
+        return None
+    name = "checkpoint-last.pth" if "checkpoint-last.pth" in held else held[-1]
     try:
-        path = resolve_checkpoint_path(args.resume)
-        if path is None:
-            if args.resume:
-                print(f"--resume {args.resume}: no checkpoint-last.pth there yet; starting from scratch")
-            return args.start_epoch, 0
-        checkpoint = read_checkpoint(path)  # once: it holds the weights, both EMA tracks and the optimizer state
+        epoch, step = continue_point(read_checkpoint(os.path.join(args.output_dir, name)))
+        saved = f"saved at epoch {epoch} step {step}"
+    except Exception as e:  # noqa: BLE001 - a torn or foreign file is still not ours to replace
+        saved = f"unreadable: {type(e).__name__}"
+    if path is None:
+        return (f"--output_dir {args.output_dir} already holds {name} ({saved}): pass --resume {args.output_dir} to "
+                f"continue that run, or choose another --output_dir")
+    return (f"--output_dir {args.output_dir} already holds {name} ({saved}), which this run, resuming {path}, would "
+            f"replace: choose another --output_dir")
+
+
+def read_on_every_rank(path):
+    """Every rank reads rank 0's checkpoint `path` and must find the same one; otherwise every rank stops with one line
+    naming the first rank (and host) that cannot read it or reads another copy: the folder is not on a shared disk."""
+    try:
+        checkpoint, problem = read_checkpoint(path), None
+        seen = continue_point(checkpoint)
+    except Exception as e:  # noqa: BLE001 - missing, torn, or not a checkpoint: reported below, alike on every rank
+        checkpoint, seen = None, None
+        problem = (str(e) if isinstance(e, FileNotFoundError)
+                   else f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+    views = [(problem, seen, socket.gethostname())]
+    if misc.is_dist_avail_and_initialized():
+        views = [None] * misc.get_world_size()
+        torch.distributed.all_gather_object(views, (problem, seen, socket.gethostname()))
+    for rank, (problem, seen, host) in enumerate(views):
+        if len(views) == 1 and problem:
+            raise SystemExit(problem)
+        if problem or seen != views[0][1]:
+            what = (f"cannot read it ({problem})" if problem else f"reads another copy (saved at epoch {seen[0]} step "
+                    f"{seen[1]}; rank 0's: epoch {views[0][1][0]} step {views[0][1][1]})")
+            raise SystemExit(f"--resume {path}: rank {rank} on {host} {what}; every node must see the same "
+                             f"checkpoint folder (a shared disk)")
+    return checkpoint
+
+
+def resume(args, model_without_ddp, optimizer, path):
+    """Load checkpoint `path` (choose_checkpoint's; None: a fresh start); returns (epoch, step within it) to continue
+    from. Checkpoints of ours carry resume_state (mid-epoch position and every rank's RNG states); official ones
+    continue at the next epoch."""
+    if path is None:
+        if args.evaluate_gen:
+            print(f"--evaluate_gen without --resume: evaluating the initial (untrained) weights of --seed {args.seed}")
+        return args.start_epoch, 0
+    checkpoint = read_on_every_rank(path)  # once: it holds the weights, both EMA tracks and the optimizer state
+    try:
         check_resume_compatible(args, path, checkpoint.get("args"))
         load_checkpoint(model_without_ddp, path, checkpoint)
-    except (FileNotFoundError, ValueError) as e:
+    except ValueError as e:
         raise SystemExit(str(e))
-    if "optimizer" in checkpoint and not args.evaluate_gen:
+    epoch, step = continue_point(checkpoint)
+    if args.evaluate_gen:
+        print(f"evaluating {path} (epoch {checkpoint['epoch']})")
+        return epoch, step
+    if "optimizer" in checkpoint:
         optimizer.load_state_dict(checkpoint["optimizer"])
     state = checkpoint.get("resume_state")
-    epoch, step = checkpoint["epoch"] + 1, 0
     if state is not None:
-        epoch, step = state["epoch"], state["step"]
         if len(state["rng"]) == misc.get_world_size():
             set_rng_state(state["rng"][misc.get_rank()])
         else:
@@ -408,10 +486,13 @@ def distribute(model, device):
     built its own from its own seed (the release copies its EMA after DDP's broadcast). Without this every rank but
     0 would sample its share of an online evaluation from an EMA of another random init."""
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    for track in model.ema_params:
-        for tensor in track:
-            torch.distributed.broadcast(tensor, src=0)
+    broadcast_from_rank0([tensor for track in model.ema_params for tensor in track])
     return ddp
+
+
+def broadcast_from_rank0(tensors):
+    for tensor in tensors:
+        torch.distributed.broadcast(tensor, src=0)
 
 
 def check_output_dir(output_dir):
@@ -456,6 +537,7 @@ def check_config(args):
 def main(args):
     misc.init_distributed_mode(args)
     ref_stats = check_config(args)
+    checkpoint_path = choose_checkpoint(args)  # before any work: a run that must not start stops here
     device = misc.resolve_device(args.device, args.gpu if args.distributed else None)
     args.precision = misc.resolve_precision(args.precision, device)
     misc.keep_freed_cpu_memory(device)
@@ -479,7 +561,9 @@ def main(args):
     if not args.evaluate_gen:
         print(f"lr {args.lr:.2e} (blr {args.blr:.2e}, effective batch {eff_batch_size})")
     optimizer = misc.build_optimizer(model_without_ddp, args.lr, args.weight_decay, device)
-    start_epoch, start_step = resume(args, model_without_ddp, optimizer)
+    start_epoch, start_step = resume(args, model_without_ddp, optimizer, checkpoint_path)
+    if args.evaluate_gen and checkpoint_path is None and args.distributed:  # every rank samples rank 0's init
+        broadcast_from_rank0([p.data for p in model.parameters()] + [t for track in model.ema_params for t in track])
 
     text = is_text_model(args)
     dataset = None
@@ -497,6 +581,8 @@ def main(args):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             inception = fid.load_inception(args.inception_weights, device)
     if args.evaluate_gen:
+        # as the release: the samples follow --seed (seed + rank), not the training RNG saved in the checkpoint
+        torch.manual_seed(args.seed + misc.get_rank())
         evaluate_sweep(model_without_ddp, args, start_epoch - 1, log_writer, device, inception, ref_stats,
                        eval_label_ids)
         return

@@ -383,4 +383,4 @@ def test_resume_from_another_config_is_refused(tmp_path, flag, value):
     mine = Denoiser(args)
     with pytest.raises(SystemExit, match=rf"^--resume .*checkpoint-last.pth: the checkpoint has {flag} {value}, "
                                          rf"this run {flag} {getattr(args, flag[2:])}$"):
-        resume(args, mine, torch.optim.AdamW(mine.parameters()))
+        resume(args, mine, torch.optim.AdamW(mine.parameters()), str(tmp_path / "checkpoint-last.pth"))

@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import random
+import re
 
 import numpy as np
 import safetensors
@@ -94,6 +95,20 @@ def resolve_checkpoint_path(path, flag="--resume", required=False):
             raise FileNotFoundError(f"{flag} {path}: the folder has no checkpoint-last.pth")
         return None
     raise FileNotFoundError(f"{flag} {path}: no such file or folder")
+
+
+def continue_point(checkpoint):
+    """(epoch, step) a run resumed from this checkpoint dict continues at: its resume_state (ours: mid-epoch position),
+    else the epoch after its official `epoch` (the release's checkpoints)."""
+    state = checkpoint.get("resume_state")
+    return (state["epoch"], state["step"]) if state is not None else (checkpoint["epoch"] + 1, 0)
+
+
+def checkpoints_in(folder):
+    """The checkpoints a run writes into its --output_dir (checkpoint-last.pth, checkpoint-<epoch>.pth) found in
+    folder, sorted; temporaries of an interrupted write excluded."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(name for name in names if re.fullmatch(r"checkpoint-(last|\d+)\.pth", name))
 
 
 def rng_state():

@@ -27,6 +27,7 @@ features themselves depend on the batch a caption was embedded in by float round
 import hashlib
 import json
 import os
+import socket
 import uuid
 
 import numpy as np
@@ -266,4 +267,20 @@ def build_store(llm, captions, root=None, device="cpu", batch_size=64, shard_byt
         store.write_index()
     _barrier()
     store.refresh()
+    check_every_rank_sees(store, captions)
     return store
+
+
+def check_every_rank_sees(store, captions):
+    """Every rank must find every caption in the store, whichever rank embedded it: a store folder that is not on a
+    disk every node shares (~/.cache on each node) would otherwise end in a KeyError at the first batch. One ValueError
+    on every rank, naming the first rank (and host) that misses captions."""
+    views = [(len(store.missing(captions)), socket.gethostname())]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        views = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(views, (len(store.missing(captions)), socket.gethostname()))
+    for rank, (missing, host) in enumerate(views):
+        if missing:
+            raise ValueError(f"{store.folder}: rank {rank} on {host} does not see {missing} caption(s) that other "
+                             f"ranks embedded into this caption store: it must be a folder every node shares (set "
+                             f"$JIT_CACHE_DIR or --text_cache_dir to one)")
