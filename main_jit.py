@@ -235,7 +235,7 @@ def build_train_loader(args, dataset):
     else:
         samples = dataset.samples
         if args.check_data:
-            samples = check_data(samples, args.on_bad_data, num_workers=min(args.num_workers, misc.available_cpus()),
+            samples = check_data(samples, args.on_bad_data, num_workers=loader_workers(args),
                                  progress=misc.is_main_process())
         train_set = ImageSamples(samples, train_transform(args.img_size), on_bad=args.on_bad_data)
     if len(train_set) < args.batch_size * args.world_size:
