@@ -53,7 +53,7 @@ def free_port():
     ("gpu03", "gpu03"),
     ("gpu[03-05,09]", "gpu03"),
     ("gpu[03-05,09],cpu01", "gpu03"),
-    ("gpu[09,03-05]", "gpu09"),  # SLURM keeps the allocation's order: rank 0 runs on the first node listed
+    ("gpu[09,03-05]", "gpu09"),  # the first one written
     ("rack[1-2]-node[01-04]", "rack1-node01"),
     ("n[1-3]-ib", "n1-ib"),
     ("node-007.cluster.org,node-008", "node-007.cluster.org"),
