@@ -38,7 +38,7 @@ def get_parser():
     p.add_argument("--model", default="JiT-B/16", choices=sorted(JiT_models))
     p.add_argument("--img_size", default=256, type=int)
     p.add_argument("--class_num", default=1000, type=int)
-    p.add_argument("--device", default=None, help="cpu, cuda or mps (default: cuda if available, else cpu)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast dtype, as main_jit.py")
     p.add_argument("--attn_impl", default="sdpa", choices=ATTN_IMPLS)
     p.add_argument("--compile", action="store_true", help="torch.compile the network (warm-up pays the compile)")

@@ -125,7 +125,9 @@ def get_args_parser():
     parser.add_argument("--resume", default="", help="checkpoint folder or .pth file to resume from")
     parser.add_argument("--save_last_freq", default=5, type=int, help="write checkpoint-last.pth every N epochs")
     parser.add_argument("--log_freq", default=100, type=int, help="log every N iterations")
-    parser.add_argument("--device", default="cuda", help="cuda, cpu or mps")
+    parser.add_argument("--device", default="cuda",
+                        help="cuda, cuda:N, cpu or mps; under torchrun or srun each rank takes the GPU of its local "
+                             "rank (an index given here is not used)")
     parser.add_argument("--save_every_minutes", default=0.0, type=float,
                         help="also write checkpoint-last.pth (mid-epoch, exactly resumable) this often; 0 = off")
     parser.add_argument("--no_hflip", action="store_true",
@@ -155,6 +157,9 @@ def get_args_parser():
     parser.add_argument("--local_rank", default=-1, type=int)
     parser.add_argument("--dist_on_itp", action="store_true")
     parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    parser.add_argument("--dist_timeout", default=60.0, type=float,
+                        help="minutes a collective may wait for the other ranks before the run stops (rank 0 writing "
+                             "a large checkpoint to a network disk takes minutes while the others wait)")
     return parser
 
 
@@ -222,8 +227,7 @@ def build_hf_dataset(args, text):
 
 def loader_workers(args):
     """12 workers per process on an 8-GPU node exhausted host memory: never more than the CPUs of this process."""
-    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return min(args.num_workers, max(1, (os.cpu_count() or 1) // local_procs))
+    return min(args.num_workers, misc.cpus_per_process())
 
 
 def build_train_loader(args, dataset):
@@ -232,7 +236,7 @@ def build_train_loader(args, dataset):
     else:
         samples = dataset.samples
         if args.check_data:
-            samples = check_data(samples, args.on_bad_data, num_workers=min(args.num_workers, os.cpu_count() or 1),
+            samples = check_data(samples, args.on_bad_data, num_workers=loader_workers(args),
                                  progress=misc.is_main_process())
         train_set = ImageSamples(samples, train_transform(args.img_size), on_bad=args.on_bad_data)
     if len(train_set) < args.batch_size * args.world_size:
@@ -535,7 +539,6 @@ def check_config(args):
 
 
 def main(args):
-    misc.init_distributed_mode(args)
     ref_stats = check_config(args)
     checkpoint_path = choose_checkpoint(args)  # before any work: a run that must not start stops here
     device = misc.resolve_device(args.device, args.gpu if args.distributed else None)
@@ -636,4 +639,6 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    cli_args = get_args_parser().parse_args()
+    with misc.distributed_mode(cli_args):  # joins the ranks; closes the process group on every way out of main
+        main(cli_args)

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 
 from util.data import load_rgb, train_transform, unreadable_message
+from util.misc import available_cpus
 from util.misc import progress as progress_bar
 from util.shards import INDEX_NAME, shard_name
 
@@ -31,7 +32,8 @@ def get_args_parser():
     parser.add_argument("--img_size", default=256, type=int, help="side of the center crop (the training --img_size)")
     parser.add_argument("--shard_size", default=2048, type=int,
                         help="images per shard file (2048: 0.4 GB at 256 px, 1.6 GB at 512 px)")
-    parser.add_argument("--num_workers", default=os.cpu_count() or 1, type=int, help="decoding processes")
+    parser.add_argument("--num_workers", default=available_cpus(), type=int,
+                        help="decoding processes (default: the CPUs this process may use)")
     parser.add_argument("--on_bad_data", default="error", choices=["error", "skip"],
                         help="an unreadable image: stop naming it, or leave it out with a warning")
     return parser

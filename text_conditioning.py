@@ -253,16 +253,20 @@ class TextEmbedder(nn.Module):
         if not real:
             rows = []
         elif self.encoder.freeze:
-            rows = self.store.read(self._locations[real])
+            rows = self.store.read(self._locations[real])  # float16 rows on the CPU
         else:
             rows = self.caption_llm.features([self.captions[i] for i in real], model=self.encoder.llm)
+        like = rows[0] if rows else torch.zeros(0, self.caption_llm.hidden_size)
+        null_row = like.new_zeros(1, like.shape[1])
         rows = iter(rows)
-        null_row = torch.zeros(1, self.caption_llm.hidden_size)
-        rows = [next(rows) if i >= 0 else null_row for i in ids]
-        lengths = torch.tensor([len(row) for row in rows], device=device)
-        features = nn.utils.rnn.pad_sequence([row.to(device, torch.float32) for row in rows], batch_first=True)
-        mask = torch.arange(features.shape[1], device=device) < lengths.unsqueeze(1)
-        return features, mask
+        # each row with one more column of ones, which padding leaves at 0: the mask travels in the same tensor, so
+        # a batch of store rows reaches the GPU in one copy (not one per caption)
+        padded = nn.utils.rnn.pad_sequence([F.pad(next(rows) if i >= 0 else null_row, (0, 1), value=1) for i in ids],
+                                           batch_first=True)
+        if padded.device != device:
+            padded = padded.pin_memory() if device.type == "cuda" else padded
+            padded = padded.to(device, non_blocking=True)
+        return padded[..., :-1].float(), padded[..., -1] > 0
 
     def forward(self, caption_ids):
         if len(self.captions) == 0:

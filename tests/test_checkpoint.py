@@ -1,6 +1,7 @@
 """Tests of util/checkpoint.py: official-layout checkpoints round-trip exactly and other configs are refused."""
 import argparse
 import re
+import sys
 
 import pytest
 import torch
@@ -170,3 +171,37 @@ def test_missing_file_and_foreign_file(make_args, tmp_path):
     torch.save({"state": 1}, tmp_path / "foreign.pth")
     with pytest.raises(ValueError, match="no 'model' entry"):
         load_checkpoint(den, str(tmp_path / "foreign.pth"))
+
+
+def mapped_file(tensor):
+    """The file whose mapping holds the tensor's data (Linux /proc/self/maps), or None for ordinary memory."""
+    address = tensor.data_ptr()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            if start <= address < end:
+                return fields[5] if len(fields) > 5 and fields[5].startswith("/") else None
+    return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_checkpoints_are_memory_mapped_and_old_format_files_still_load(make_args, perturb, tmp_path):
+    """Every rank of a node maps the file (one copy in the page cache) instead of reading it into its own memory;
+    files in torch's pre-1.6 format, which cannot be mapped, load as before."""
+    args = make_args()
+    den, optimizer = trained_denoiser(args, perturb)
+    path = tmp_path / "checkpoint-last.pth"
+    save_checkpoint(path, den, optimizer, 3, args)
+    ckpt = read_checkpoint(path)
+    tensors = [*ckpt["model"].values(), *ckpt["model_ema1"].values(),
+               *(v for state in ckpt["optimizer"]["state"].values() for v in state.values())]
+    assert {mapped_file(t) for t in tensors} == {str(path)}
+    legacy = tmp_path / "legacy.pth"
+    torch.save(ckpt, legacy, _use_new_zipfile_serialization=False)
+    old = read_checkpoint(legacy)
+    assert mapped_file(old["model"]["net.final_layer.linear.weight"]) is None
+    assert all(torch.equal(old["model"][k], v) for k, v in ckpt["model"].items()) and old["epoch"] == 3
+    reloaded = Denoiser(args)
+    load_checkpoint(reloaded, legacy, old)
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), den.state_dict().values()))

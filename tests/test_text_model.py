@@ -397,6 +397,39 @@ def test_training_and_sampling_read_the_same_rows(text_args, tmp_path):
         assert torch.equal(sample_rows[0, :n3], train_rows[0, :n3]) and torch.equal(sample_rows[1, :n1], train_rows[2, :n1])
 
 
+@pytest.mark.parametrize("mode", ["pooled", "tokens"])
+def test_a_batch_of_caption_features_reaches_the_device_in_one_copy(text_args, monkeypatch, mode):
+    """The rows read from the store for a batch go to the embedder's device as one tensor, not one per caption (the
+    meta device stands in for a GPU: a copy to it is a .to() from the CPU); the values are the stored rows."""
+    model = with_captions(Denoiser(text_args("--text_conditioning", mode)))
+    embedder = model.net.y_embedder
+    ids = torch.tensor([0, -1, 2, 3])
+    features, mask = embedder.caption_features(ids)  # on the CPU, where nothing is copied
+    rows = embedder.store.read(embedder._locations[[0, 2, 3]])
+    lengths = [len(rows[0]), 1, len(rows[1]), len(rows[2])]
+    assert mask.sum(1).tolist() == lengths and features.shape == (4, max(lengths), 32) and mask.dtype == torch.bool
+    for i, row in zip((0, 2, 3), rows):
+        assert torch.equal(features[i, :len(row)], row.float()) and not features[i, len(row):].any()
+    assert not features[1].any()
+    copies = []  # (from, to) of every .to() that changes a tensor's device
+    to = torch.Tensor.to
+
+    def recording_to(tensor, *args, **kwargs):
+        moved = to(tensor, *args, **kwargs)
+        if moved.device != tensor.device:
+            copies.append((tensor.device.type, moved.device.type))
+        return moved
+
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    embedder.to("meta")
+    copies.clear()
+    features, mask = embedder.caption_features(ids)
+    assert copies == [("cpu", "meta")]
+    assert features.device.type == mask.device.type == "meta"
+    assert features.shape == (4, max(lengths), 32) and features.dtype == torch.float32
+    assert mask.shape == (4, max(lengths))
+
+
 def test_main_trains_a_tokens_model_and_sample_py_rebuilds_it(caption_folder, tiny_llm_path, tmp_path, llm_loads):
     import sample
     out = tmp_path / "out"

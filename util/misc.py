@@ -5,12 +5,16 @@ import datetime
 import logging
 import os
 import random
+import re
 import sys
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+
+from util.preemption import PREEMPTED_EXIT_CODE
 
 
 def is_dist_avail_and_initialized():
@@ -42,8 +46,80 @@ def setup_for_distributed(is_master):
     builtins.print = print
 
 
+# Under srun without MASTER_PORT: every task of a job derives the same port from SLURM_JOB_ID, in 20000-29999 (below
+# Linux's ephemeral ports, from 32768, which outgoing connections take)
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 10000
+
+
+def slurm_first_host(nodelist):
+    """The first host of a SLURM node list in its compressed form ("gpu[03-05,09],cpu01" -> "gpu03",
+    "rack[1-2]-node[01-04]" -> "rack1-node01"); ValueError when it is not one."""
+    entry = re.match(r"(?:[^,\[\]]|\[[^\[\]]+\])+", nodelist)  # up to the first comma outside brackets
+    rest = nodelist[entry.end():] if entry else nodelist
+    if entry is None or not (rest == "" or rest.startswith(",")):
+        raise ValueError(f"not a SLURM node list: {nodelist!r}")
+    host = re.sub(r"\[([^\]]+)\]", lambda m: re.split(r"[,-]", m.group(1))[0], entry.group(0))
+    if not re.fullmatch(r"[\w.-]+", host):
+        raise ValueError(f"not a SLURM node list: {nodelist!r}")
+    return host
+
+
+def slurm_tasks_on_node(tasks_per_node, node_id):
+    """Entry node_id of SLURM_TASKS_PER_NODE ("4(x2),2": 4 tasks on nodes 0 and 1, 2 on node 2)."""
+    counts = []
+    for part in tasks_per_node.split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if match is None:
+            raise ValueError(f"not a SLURM task count list: {tasks_per_node!r}")
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    if not 0 <= node_id < len(counts):
+        raise ValueError(f"{tasks_per_node!r} has no entry for node {node_id}")
+    return counts[node_id]
+
+
+def _slurm_env(name):
+    value = os.environ.get(name)
+    if not value:
+        raise SystemExit(f"{name} is not set: srun sets it for every task; launch with srun (one task per GPU)")
+    return value
+
+
+def slurm_environment():
+    """What srun gives each task, in torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT), for env:// and the loader's CPU share; those already set are kept. One line naming
+    the variable when one is missing or unreadable."""
+    rank, world_size = _slurm_env("SLURM_PROCID"), _slurm_env("SLURM_NTASKS")
+    local_rank = _slurm_env("SLURM_LOCALID")
+    if "LOCAL_WORLD_SIZE" not in os.environ:
+        if os.environ.get("SLURM_NTASKS_PER_NODE"):
+            local_world_size = os.environ["SLURM_NTASKS_PER_NODE"]
+        else:
+            tasks = _slurm_env("SLURM_TASKS_PER_NODE")
+            try:
+                local_world_size = slurm_tasks_on_node(tasks, int(os.environ.get("SLURM_NODEID", 0)))
+            except ValueError as e:
+                raise SystemExit(f"SLURM_TASKS_PER_NODE: {e}")
+        os.environ["LOCAL_WORLD_SIZE"] = str(local_world_size)
+    if "MASTER_ADDR" not in os.environ:
+        name = next((n for n in ("SLURM_STEP_NODELIST", "SLURM_NODELIST", "SLURM_JOB_NODELIST") if os.environ.get(n)),
+                    None)
+        if name is None:
+            raise SystemExit("SLURM_NODELIST is not set: cannot tell rank 0's node; set MASTER_ADDR to its host name")
+        try:
+            os.environ["MASTER_ADDR"] = slurm_first_host(os.environ[name])
+        except ValueError as e:
+            raise SystemExit(f"{name}: {e}; set MASTER_ADDR to rank 0's host name")
+    if "MASTER_PORT" not in os.environ:
+        job_id = _slurm_env("SLURM_JOB_ID")
+        if not job_id.isdigit():
+            raise SystemExit(f"SLURM_JOB_ID {job_id}: not a number; set MASTER_PORT")
+        os.environ["MASTER_PORT"] = str(SLURM_PORT_BASE + int(job_id) % SLURM_PORT_SPAN)
+    os.environ.update(RANK=rank, WORLD_SIZE=world_size, LOCAL_RANK=local_rank)
+
+
 def init_distributed_mode(args):
-    """Set args.rank/world_size/gpu/distributed from torchrun, SLURM or OpenMPI; single process otherwise."""
+    """Set args.rank/world_size/gpu/distributed from torchrun, SLURM (srun) or OpenMPI and join the process group
+    (NCCL on CUDA, else gloo; collectives time out after --dist_timeout minutes); single process otherwise."""
     if args.dist_on_itp:
         args.rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
         args.world_size = int(os.environ["OMPI_COMM_WORLD_SIZE"])
@@ -56,23 +132,64 @@ def init_distributed_mode(args):
         args.rank = int(os.environ["RANK"])
         args.world_size = int(os.environ["WORLD_SIZE"])
         args.gpu = int(os.environ["LOCAL_RANK"])
-    elif "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1:
-        args.rank = int(os.environ["SLURM_PROCID"])
-        args.world_size = int(os.environ["SLURM_NTASKS"])
-        args.gpu = args.rank % max(torch.cuda.device_count(), 1)
+    elif "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
+        slurm_environment()
+        args.rank = int(os.environ["RANK"])
+        args.world_size = int(os.environ["WORLD_SIZE"])
+        # per-task CUDA_VISIBLE_DEVICES (--gpus-per-task) leaves each task one visible GPU: index 0
+        args.gpu = int(os.environ["LOCAL_RANK"]) % max(torch.cuda.device_count(), 1)
     else:
         args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, False
         setup_for_distributed(True)
         return
     args.distributed = True
-    on_cuda = args.device.startswith("cuda")
-    if on_cuda:
-        torch.cuda.set_device(args.gpu)
+    device = resolve_device(args.device, args.gpu)  # a device this rank cannot use is one line, before any waiting
+    on_cuda = device.type == "cuda"
     backend = "nccl" if on_cuda else "gloo"
-    print(f"| distributed init (rank {args.rank}, world {args.world_size}, {backend}): {args.dist_url}", flush=True)
-    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank)
-    dist.barrier()
+    where = (f"env://{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}" if args.dist_url == "env://"
+             else args.dist_url)
+    print(f"| distributed init (rank {args.rank}, world {args.world_size}, {backend} on {device}, timeout "
+          f"{args.dist_timeout:g} min): {where}", flush=True)
+    try:
+        # device_id: NCCL forms its communicator now, on this GPU, instead of at the first collective
+        dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size,
+                                rank=args.rank, timeout=datetime.timedelta(minutes=args.dist_timeout),
+                                device_id=device if on_cuda else None)
+        dist.barrier()
+    except (RuntimeError, ValueError) as e:  # DistError is a RuntimeError; ValueError: env:// lacking a variable
+        close_process_group(agreed=False)
+        raise SystemExit(f"rank {args.rank}: could not join the {args.world_size} ranks at {where} within "
+                         f"--dist_timeout {args.dist_timeout:g} min ({str(e).strip().splitlines()[0]}); check that "
+                         f"every rank was started and can reach that address") from None
     setup_for_distributed(args.rank == 0)
+
+
+@contextmanager
+def distributed_mode(args):
+    """init_distributed_mode(args) for the block, and the process group closed on every way out of it. A normal end
+    and the preemption exit (every rank stops at the same step) destroy it, which first completes this rank's
+    pending collectives; any other exit may be one rank's alone, while its peers wait in a collective it will never
+    join, so it aborts the group instead (NCCL: ncclCommAbort, which does not wait for them)."""
+    init_distributed_mode(args)
+    try:
+        yield
+    except SystemExit as e:
+        close_process_group(agreed=e.code == PREEMPTED_EXIT_CODE)
+        raise
+    except BaseException:
+        close_process_group(agreed=False)
+        raise
+    close_process_group(agreed=True)
+
+
+def close_process_group(agreed):
+    """destroy_process_group() when every rank is closing at this point (agreed), else abort this rank's groups."""
+    if not is_dist_avail_and_initialized():
+        return
+    if agreed:
+        dist.destroy_process_group()
+    else:
+        dist.distributed_c10d._abort_process_group()
 
 
 def default_device():
@@ -81,19 +198,47 @@ def default_device():
 
 
 def resolve_device(device=None, gpu=None):
-    """torch.device for this process from --device (None: default_device()), with a one-line error when it is not
-    available; gpu is this rank's GPU under torch.distributed (else the current CUDA device)."""
+    """torch.device for this process from --device (None: default_device(); cuda:N honoured), made the current CUDA
+    device; a one-line error when it is not available. gpu: this rank's GPU under torchrun / srun (its local rank),
+    which takes the place of an index in --device."""
     device = device or default_device()
-    kind = device.split(":")[0]
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise SystemExit(f"--device {device}: expected cpu, cuda or mps") from None
+    kind = parsed.type
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-        return torch.device("cuda", torch.cuda.current_device() if gpu is None else gpu)
+        index = gpu if gpu is not None else parsed.index if parsed.index is not None else torch.cuda.current_device()
+        count = torch.cuda.device_count()
+        if index >= count:
+            whose = f"local rank {gpu}'s GPU cuda:{gpu}" if gpu is not None else f"cuda:{index}"
+            raise SystemExit(f"--device {device}: {whose} does not exist; {count} CUDA device(s) visible "
+                             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+        torch.cuda.set_device(index)  # kernels, allocations and NCCL of calls that name no device go there too
+        return torch.device("cuda", index)
     if kind == "mps" and not torch.backends.mps.is_available():
         raise SystemExit(f"--device {device}: Apple MPS is not available on this machine; use --device cpu")
     if kind not in ("cpu", "mps"):
         raise SystemExit(f"--device {device}: expected cpu, cuda or mps")
     return torch.device(kind)
+
+
+def available_cpus():
+    """CPUs this process may run on: its affinity set (SLURM and cgroup CPU sets, taskset), not the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpus_per_process():
+    """This process's share of available_cpus(), for its loader workers: divided among the processes of its node
+    (LOCAL_WORLD_SIZE) that share the set, which torchrun's always do; an srun task gets SLURM_CPUS_PER_TASK, whether
+    srun bound each task to its own CPUs (its set is then that size) or not (its set is the job's on the node)."""
+    cpus = available_cpus()
+    srun_task = "SLURM_PROCID" in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ  # torchrun sets the latter
+    if srun_task and os.environ.get("SLURM_CPUS_PER_TASK"):
+        return max(1, min(cpus, int(os.environ["SLURM_CPUS_PER_TASK"])))
+    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def keep_freed_cpu_memory(device):
@@ -130,12 +275,20 @@ def all_reduce_mean(value):
 
 
 def resolve_precision(precision, device):
-    """--precision auto: bf16 autocast on CUDA and MPS, and on CPUs with native bf16 matrix units; fp32 on other
-    CPUs, where bf16 matmuls are emulated (measured ~50x slower per image on an AVX2-only CPU)."""
+    """--precision auto: bf16 autocast on GPUs that compute it natively (CUDA compute capability 8.0 and up) and MPS,
+    and on CPUs with native bf16 matrix units; fp32 on other CPUs and GPUs, where bf16 matmuls are emulated (measured
+    ~50x slower per image on an AVX2-only CPU)."""
     if precision != "auto":
         return precision
     if device.type == "cpu":
         return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            if torch.cuda.is_bf16_supported(including_emulation=False):
+                return "bf16"
+        print(f"--precision auto: fp32, as {torch.cuda.get_device_name(device)} has no native bf16 (compute "
+              f"capability {'.'.join(map(str, torch.cuda.get_device_capability(device)))}, below 8.0)")
+        return "fp32"
     return "bf16"
 
 

@@ -48,20 +48,28 @@ def stop_loader_workers():
 class StopRequests:
     """Agreement of every rank on when to save and stop, polled once per training step.
 
-    Ranks exchange their flags with an asynchronous all_reduce on a CPU (gloo) group: started at one step and read
-    at the next, so it neither waits on the GPU nor stalls the step; all ranks act on the same step.
+    Ranks exchange their flags with an asynchronous all_reduce on the main process group (no side group: a gloo group
+    binds to whatever the host name resolves to, often 127.0.1.1 or a management interface on a cluster, where
+    creating it blocks for 30 minutes). The exchange started at one step is read at the next, so every rank acts on
+    the same step. Under NCCL the flags live on the GPU: work.wait() makes the current stream, not the host, wait for
+    the exchange, and the result comes back to pinned host memory behind a CUDA event, so the host runs at most one
+    step ahead of the GPU and never waits for the step in flight. Under gloo the same calls run on CPU tensors (there
+    work.wait() returns when the exchange is done: every rank has just left the step's gradient all-reduce).
     """
 
     def __init__(self, save_every_minutes):
-        import torch.distributed as dist  # imported here, not at the top: see the module docstring
+        import torch  # imported here, not at the top: see the module docstring
+        import torch.distributed as dist
 
         import util.misc as misc
 
         self.signal_received = None
         self.save_every_s = save_every_minutes * 60 if save_every_minutes else None
         self.last_save = time.time()
-        self.group = dist.new_group(backend="gloo") if misc.is_dist_avail_and_initialized() else None
-        self.pending = None  # (work, flags tensor) of the exchange started at the previous step
+        self.distributed = misc.is_dist_avail_and_initialized()
+        on_gpu = self.distributed and dist.get_backend() == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        self.pending = None  # (host flags, CUDA event or None) of the exchange started at the previous step
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
 
@@ -78,23 +86,39 @@ class StopRequests:
         time_due = self.save_every_s is not None and time.time() - self.last_save >= self.save_every_s
         return [int(self.signal_received is not None), int(time_due and is_main_process())]
 
-    def poll(self):
-        """(preempt, periodic_save), the same on every rank."""
+    def _start_exchange(self):
+        """All-reduce (max) of every rank's flags, its result copied into host memory once it is there."""
         import torch
         import torch.distributed as dist
 
-        if self.group is None:
+        on_gpu = self.device.type == "cuda"
+        # pinned + non_blocking: a copy from pageable memory would wait for every kernel queued on the stream
+        flags = torch.tensor(self._local_flags(), dtype=torch.int32, pin_memory=on_gpu)
+        flags = flags.to(self.device, non_blocking=True)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True).wait()
+        host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=on_gpu).copy_(flags, non_blocking=True)
+        copied = None
+        if on_gpu:
+            copied = torch.cuda.Event()
+            copied.record()
+        self.pending = (host, copied)
+
+    def poll(self):
+        """(preempt, periodic_save), the same on every rank."""
+        if not self.distributed:
             preempt, periodic = self._local_flags()
             return bool(preempt), bool(periodic)
         decision = (False, False)
         if self.pending is not None:
-            work, flags = self.pending
-            work.wait()
-            decision = (bool(flags[0]), bool(flags[1]))
+            host, copied = self.pending
+            if copied is not None:
+                copied.synchronize()  # the previous step's exchange: long done unless the GPU is a step behind
+            decision = (bool(host[0]), bool(host[1]))
+            if decision[0] and self.signal_received is None:  # named in this rank's exit line
+                self.signal_received = "a stop signal to another rank"
             if decision[1]:  # the caller saves at this step: the exchange started below must not ask for it again
                 self.last_save = time.time()
         self.pending = None
         if not decision[0]:
-            flags = torch.tensor(self._local_flags(), dtype=torch.int32)
-            self.pending = (dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flags)
+            self._start_exchange()
         return decision
