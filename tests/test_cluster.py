@@ -27,7 +27,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "JiT-T/4", "--img_size", "32", "--class_num", "2", "--device", "cpu", "--precision", "fp32"]
 # what a launcher may have set around the test run: each test sets its own
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                    "TORCHELASTIC_RUN_ID", "CUDA_VISIBLE_DEVICES")
+                    "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_MAX_RESTARTS",
+                    "CUDA_VISIBLE_DEVICES")
 
 
 @pytest.fixture
@@ -359,3 +360,19 @@ def test_loader_workers_come_from_the_cpus_this_process_may_use(clean_launch_env
     assert loader_workers(make_args("--num_workers", "12")) == workers
     assert loader_workers(make_args("--num_workers", "0")) == 0
 
+
+
+@pytest.mark.parametrize("agent_store,max_restarts,warned", [("True", "3", True), ("True", "0", False),
+                                                             ("False", "3", False)])
+def test_torchrun_restarts_through_its_shared_store_are_warned_of(clean_launch_env, make_args, capsys, agent_store,
+                                                                   max_restarts, warned):
+    """torch 2.14's torchrun hands its ranks the rendezvous store with no per-attempt prefix: with --max-restarts a
+    restarted rank can read a dead rank's address (seen here: 2 of 3 restarts of a killed gloo worker failed or hung
+    without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, 3 of 3 rejoined with it). Rank 0 says so at start."""
+    clean_launch_env.setattr(dist, "init_process_group", lambda **kwargs: None)
+    clean_launch_env.setattr(dist, "barrier", lambda: None)
+    torchrun_env(clean_launch_env, 0, 2, 0, 29500)
+    clean_launch_env.setenv("TORCHELASTIC_USE_AGENT_STORE", agent_store)
+    clean_launch_env.setenv("TORCHELASTIC_MAX_RESTARTS", max_restarts)
+    misc.init_distributed_mode(make_args())
+    assert ("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for restarts that rejoin" in capsys.readouterr().out) == warned

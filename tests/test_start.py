@@ -69,7 +69,9 @@ def run_main(argv, monkeypatch):
     monkeypatch.setattr(misc, "keep_freed_cpu_memory", lambda device: False)
     python_state, numpy_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        main_jit.main(parse(*argv))
+        args = parse(*argv)
+        with misc.distributed_mode(args):  # a single process: no group, print as main_jit.py's __main__ sets it
+            main_jit.main(args)
     random.setstate(python_state)
     np.random.set_state(numpy_state)
 

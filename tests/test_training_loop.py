@@ -52,7 +52,8 @@ def run_main(argv, monkeypatch):
     args = main_jit.get_args_parser().parse_args(TINY + [str(a) for a in argv])
     python_state, numpy_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        main_jit.main(args)
+        with misc.distributed_mode(args):  # a single process: no group, print as main_jit.py's __main__ sets it
+            main_jit.main(args)
     random.setstate(python_state)
     np.random.set_state(numpy_state)
     return args

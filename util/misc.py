@@ -162,6 +162,17 @@ def init_distributed_mode(args):
                          f"--dist_timeout {args.dist_timeout:g} min ({str(e).strip().splitlines()[0]}); check that "
                          f"every rank was started and can reach that address") from None
     setup_for_distributed(args.rank == 0)
+    if restarts_reuse_the_rendezvous_store():
+        print("warning: torchrun --max-restarts shares its rendezvous store with the ranks, so restarted ranks can read "
+              "the previous attempt's addresses and fail to connect or hang (pytorch/pytorch#135712); start torchrun "
+              "with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for restarts that rejoin")
+
+
+def restarts_reuse_the_rendezvous_store():
+    """torchrun will restart the ranks (--max-restarts > 0) and they join its rendezvous store, which keeps every
+    attempt's keys: torch 2.14 adds no per-attempt prefix, so a restarted rank may read a dead rank's address."""
+    return (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0)
 
 
 @contextmanager
