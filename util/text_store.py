@@ -275,10 +275,10 @@ def check_every_rank_sees(store, captions):
     """Every rank must find every caption in the store, whichever rank embedded it: a store folder that is not on a
     disk every node shares (~/.cache on each node) would otherwise end in a KeyError at the first batch. One ValueError
     on every rank, naming the first rank (and host) that misses captions."""
-    views = [(len(store.missing(captions)), socket.gethostname())]
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        views = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(views, (len(store.missing(captions)), socket.gethostname()))
+    if not misc.is_dist_avail_and_initialized():  # one process embedded everything itself
+        return
+    views = [None] * misc.get_world_size()
+    torch.distributed.all_gather_object(views, (len(store.missing(captions)), socket.gethostname()))
     for rank, (missing, host) in enumerate(views):
         if missing:
             raise ValueError(f"{store.folder}: rank {rank} on {host} does not see {missing} caption(s) that other "
