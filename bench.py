@@ -1,7 +1,7 @@
 """Throughput, memory and FLOP-efficiency benchmark of JiT: training step, sampling, and the training data loader.
 
     python bench.py --model JiT-B/16 --img_size 256 --device cpu --precision fp32 --batch_size 8 --gen_bsz 4
-    python bench.py --model JiT-B/16 --device cuda --batch_size 128 --gen_bsz 256 --compile
+    python bench.py --model JiT-B/16 --device cuda --batch_size 128 --gen_bsz 256   # compiled, as main_jit.py on CUDA
     python bench.py --loader                          # loader images/s per worker, JPEG vs shards; cores per GPU
     python bench.py --model JiT-B/16 --text_llm <LLM folder>   # text-conditioning overhead of a training step
 
@@ -24,6 +24,7 @@ import torch
 import prepare_data
 from denoiser import Denoiser
 from engine_jit import train_step
+from main_jit import compile_network, configure_kernels
 from main_jit import get_args_parser as main_args_parser
 from model_jit import ATTN_IMPLS, JiT_models
 from util import benchmark
@@ -41,7 +42,9 @@ def get_parser():
     p.add_argument("--device", default=None, help="cpu, cuda or mps (default: cuda if available, else cpu)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast dtype, as main_jit.py")
     p.add_argument("--attn_impl", default="sdpa", choices=ATTN_IMPLS)
-    p.add_argument("--compile", action="store_true", help="torch.compile the network (warm-up pays the compile)")
+    p.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
+                   help="torch.compile the network as main_jit.py does (default: on for CUDA); warm-up pays the "
+                        "compilation")
     p.add_argument("--threads", default=None, type=int, help="torch.set_num_threads (CPU); default: torch's")
     p.add_argument("--default_malloc", action="store_true",
                    help="CPU: keep glibc's default of unmapping freed blocks above 32 MB (main_jit.py turns it off: "
@@ -104,7 +107,7 @@ def build(args, device, model=None, text_llm=None, text_conditioning=None):
         return model, None
     optimizer = build_optimizer(model, args.lr, 0.0, device)
     if args.compile:
-        model.net.compile()  # in place: parameter names, the state_dict and the EMA lists are unchanged
+        compile_network(model.net)
     return model, optimizer
 
 
@@ -295,6 +298,7 @@ def main(argv=None):
                 torch.set_num_threads(args.threads)
             torch.manual_seed(args.seed)
             device = resolve_device(args.device)
+            configure_kernels(args, device)  # --compile's default, as main_jit.py
             if not args.default_malloc:
                 keep_freed_cpu_memory(device)  # as main_jit.py does
             rec = dict(model=args.model, img_size=args.img_size, device=device.type,
