@@ -412,18 +412,16 @@ def configure_kernels(args, device):
         torch.backends.cudnn.benchmark = True
 
 
-def compile_network(net):
-    """torch.compile each JiTBlock and the FinalLayer in place, as the release (@torch.compile on their forward): the
-    condition embedder (a -Text model's caption lookup calls .tolist()) and the in-context concatenation stay eager,
-    and parameter names, state_dict, EMA tracks and checkpoints are unchanged. Sizes are dynamic from the first
-    compile: every batch (a last partial one, CFG's doubled one) and sequence length reuses the graphs, except a
-    batch of exactly one, which torch specialises."""
+def compile_network(net, backend="inductor"):
+    """torch.compile each JiTBlock and the FinalLayer in place (names, state_dict and checkpoints unchanged), as the
+    release; the condition embedder (.tolist() in a -Text caption lookup) stays eager. Sizes are dynamic: every
+    batch reuses the graphs (a last partial one, CFG's doubled one) but a batch of one, which torch specialises."""
     # the release's cache_size_limit: all blocks share one code object, with an entry per variant (training or
     # sampling, dropout or not, tokens before or after the in-context ones, ...)
     torch._dynamo.config.recompile_limit = 128
     torch._dynamo.config.optimize_ddp = False  # as the release; DDP wraps the compiled blocks (main), never traced
     for module in [*net.blocks, net.final_layer]:
-        module.compile(dynamic=True)
+        module.compile(backend=backend, dynamic=True)
 
 
 def distribute(model, device):
