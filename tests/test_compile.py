@@ -105,12 +105,13 @@ def test_a_compiled_run_compiles_each_graph_once(image_folder, tmp_path, net_cal
 @pytest.mark.parametrize("conditioning", ["pooled", "tokens"])
 def test_a_compiled_text_model_has_no_graph_break(make_args, tiny_llm_path, tmp_path, net_calls, graphs,
                                                   conditioning, monkeypatch):
-    """-Text models: the caption lookup (.tolist()) stays outside the compiled blocks, so there is no graph break;
-    training steps, then sampling (5 prompts in batches of 3, CFG) compile three graphs each, once."""
+    """-Text models, in bf16 autocast as on a GPU: the caption lookup (.tolist()) stays outside the compiled blocks,
+    so there is no graph break; training steps, then sampling (5 prompts in batches of 3, CFG) compile three graphs
+    each, once."""
     monkeypatch.setenv("JIT_CACHE_DIR", str(tmp_path / "cache"))
     args = make_args("--model", "JiT-T/4-Text", "--llm_model_name", tiny_llm_path, "--text_conditioning",
                      conditioning, "--gen_bsz", "3", "--num_sampling_steps", "3", "--sampling_method", "euler",
-                     "--cfg", "2.0", "--interval_min", "0.3")
+                     "--cfg", "2.0", "--interval_min", "0.3", "--precision", "bf16")
     torch.manual_seed(0)
     model = Denoiser(args)
     model.net.y_embedder.use_captions(["赤い丸の写真", "a green triangle", "青い空と白い雲", "犬の写真"], progress=False)
