@@ -1,8 +1,9 @@
 """Throughput, memory and FLOP-efficiency benchmark of JiT: training step, sampling, and the training data loader.
 
     python bench.py --model JiT-B/16 --img_size 256 --device cpu --precision fp32 --batch_size 8 --gen_bsz 4
-    python bench.py --model JiT-B/16 --device cuda --batch_size 128 --gen_bsz 256 --compile
+    python bench.py --model JiT-B/16 --device cuda --batch_size 128 --gen_bsz 256   # compiled, as main_jit.py on CUDA
     python bench.py --loader                          # loader images/s per worker, JPEG vs shards; cores per GPU
+    python bench.py --memory --batch_size 128         # GPU memory of training each published model, computed
     python bench.py --model JiT-B/16 --text_llm <LLM folder>   # text-conditioning overhead of a training step
 
 The training step is engine_jit.train_step on one fixed random batch, with main_jit's Denoiser and
@@ -20,10 +21,12 @@ import tempfile
 import time
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import prepare_data
 from denoiser import Denoiser
 from engine_jit import train_step
+from main_jit import compile_network, configure_kernels
 from main_jit import get_args_parser as main_args_parser
 from model_jit import ATTN_IMPLS, JiT_models
 from util import benchmark
@@ -41,7 +44,9 @@ def get_parser():
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast dtype, as main_jit.py")
     p.add_argument("--attn_impl", default="sdpa", choices=ATTN_IMPLS)
-    p.add_argument("--compile", action="store_true", help="torch.compile the network (warm-up pays the compile)")
+    p.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
+                   help="torch.compile the network as main_jit.py does (default: on for CUDA); warm-up pays the "
+                        "compilation")
     p.add_argument("--threads", default=None, type=int, help="torch.set_num_threads (CPU); default: torch's")
     p.add_argument("--default_malloc", action="store_true",
                    help="CPU: keep glibc's default of unmapping freed blocks above 32 MB (main_jit.py turns it off: "
@@ -80,6 +85,14 @@ def get_parser():
                         "class-conditioned step (e.g. pooled tokens)")
     p.add_argument("--text_captions", default=512, type=int,
                    help="with --text_llm: distinct captions embedded into a fresh caption store (embedding rate)")
+    p.add_argument("--memory", action="store_true",
+                   help="instead, compute the GPU memory of training --memory_models at --batch_size per GPU in "
+                        "--precision (see README)")
+    p.add_argument("--memory_models", default="JiT-B/16,JiT-L/16,JiT-H/16,JiT-G/16,JiT-B/32,JiT-L/32,JiT-H/32,JiT-G/32",
+                   help="models of --memory, each at its published size (/16 at 256 px, /32 at 512 px)")
+    p.add_argument("--gpu_memory_gib", default=72.0, type=float,
+                   help="GPU memory training may fill, for --memory (72: the 79.6 GiB of an 80 GB H100 less ~10%% for "
+                        "the CUDA context, cuBLAS and NCCL workspaces and allocator fragmentation)")
     p.add_argument("--loader", action="store_true", help="instead, measure the training loader (see README)")
     p.add_argument("--loader_images", default=256, type=int, help="JPEGs written (and cropped into shards)")
     p.add_argument("--loader_seconds", default=5.0, type=float, help="CPU seconds of loading per measurement")
@@ -104,7 +117,7 @@ def build(args, device, model=None, text_llm=None, text_conditioning=None):
         return model, None
     optimizer = build_optimizer(model, args.lr, 0.0, device)
     if args.compile:
-        model.net.compile()  # in place: parameter names, the state_dict and the EMA lists are unchanged
+        compile_network(model.net)
     return model, optimizer
 
 
@@ -281,6 +294,56 @@ def loader_benchmark(args, log):
     return rec
 
 
+def activation_bytes(name, img_size, precision, compiled):
+    """(bytes per image, bytes per batch) that a training forward of a model keeps for its backward, from batches of
+    2 and 3 on fake tensors (no memory, no compute). Compiled: with the graph partitioner of torch.compile's inductor
+    (backend aot_eager_decomp_partition), which recomputes cheap operations in the backward instead of keeping their
+    inputs."""
+    with FakeTensorMode():
+        model = Denoiser(main_args_parser().parse_args(["--model", name, "--img_size", str(img_size)]))
+        if compiled:
+            compile_network(model.net, backend="aot_eager_decomp_partition")
+        two, three = (benchmark.saved_for_backward_bytes(model, n, img_size, precision) for n in (2, 3))
+    torch._dynamo.reset()  # the next model's blocks share the code object: a fresh cache, not recompiles
+    return three - two, 3 * two - 2 * three
+
+
+def memory_benchmark(args, log):
+    """GPU memory of training each of --memory_models at --batch_size per GPU: float32 weights, gradients (DDP's
+    bucket views), AdamW's two moments, the two EMA tracks, and activation_bytes, eager and (with --compile)
+    compiled; the largest batch within --gpu_memory_gib."""
+    gib = 2 ** 30
+    kinds = ["eager", "compiled"] if args.compile else ["eager"]
+    rec = {"batch_size": args.batch_size, "gpu_memory_gib": args.gpu_memory_gib, "memory": {}}
+    log(f"GPU memory of training at batch {args.batch_size} per GPU, {args.precision}, GiB (the largest batch within "
+        f"{args.gpu_memory_gib:g} GiB):")
+    for name in args.memory_models.split(","):
+        if name not in JiT_models:
+            raise SystemExit(f"--memory_models: unknown model {name!r} (known: {', '.join(sorted(JiT_models))})")
+        size = 16 * JiT_models[name].keywords["patch_size"]  # the published 16 x 16 patches: 256 px for /16
+        with torch.device("meta"):
+            model = Denoiser(main_args_parser().parse_args(["--model", name, "--img_size", str(size)]))
+        every = sum(p.numel() for p in model.parameters())
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        state = {"weights": 4 * every, "gradients": 4 * trained, "adamw": 8 * trained, "ema": 8 * every}
+        row = dict(parameters=every, **state, state=sum(state.values()))
+        line = (f"  {name} @ {size}: {every / 1e6:.1f}M parameters: weights {state['weights'] / gib:.2f}, "
+                f"gradients {state['gradients'] / gib:.2f}, AdamW {state['adamw'] / gib:.2f}, EMA "
+                f"{state['ema'] / gib:.2f}")
+        for kind in kinds:
+            per_image, per_batch = activation_bytes(name, size, args.precision, kind == "compiled")
+            activations = per_batch + args.batch_size * per_image
+            largest = int((args.gpu_memory_gib * gib - row["state"] - per_batch) // per_image)
+            row[kind] = dict(activations_per_image=per_image, activations_per_batch=per_batch,
+                             activations=activations, total=row["state"] + activations, largest_batch=largest)
+            line += (f"; {kind}: activations {per_image / 2 ** 20:.0f} MiB per image + {per_batch / gib:.2f} = "
+                     f"{activations / gib:.1f}, total {(row['state'] + activations) / gib:.1f}, largest batch "
+                     f"{largest}")
+        rec["memory"][f"{name}@{size}"] = row
+        log(line)
+    return rec
+
+
 def main(argv=None):
     """Runs a benchmark; leaves torch's thread count and RNG as it found them (main_jit's allocator setting stays
     applied on CPU unless --default_malloc: glibc has no way back to its dynamic defaults)."""
@@ -295,6 +358,7 @@ def main(argv=None):
                 torch.set_num_threads(args.threads)
             torch.manual_seed(args.seed)
             device = resolve_device(args.device)
+            configure_kernels(args, device)  # --compile's default, as main_jit.py
             if not args.default_malloc:
                 keep_freed_cpu_memory(device)  # as main_jit.py does
             rec = dict(model=args.model, img_size=args.img_size, device=device.type,
@@ -302,7 +366,9 @@ def main(argv=None):
                        threads=torch.get_num_threads(), torch=torch.__version__,
                        train_batch_size=args.batch_size, sample_batch_size=args.gen_bsz)
             log(f"JiT benchmark: {args.model} @ {args.img_size} px, {rec['device_name']}, {args.precision}")
-            if args.loader:
+            if args.memory:
+                rec.update(memory_benchmark(args, log))
+            elif args.loader:
                 rec.update(loader_benchmark(args, log))
             elif args.text_llm:
                 rec.update(text_overhead(args, device, log))

@@ -178,10 +178,11 @@ class Denoiser(nn.Module):
             torch._foreach_lerp_(track, params, 1 - decay)
 
     def ema_state_dict(self, track):
-        """Full state dict (official keys) holding EMA track 1 or 2, as in a checkpoint's model_ema1/model_ema2."""
+        """Full state dict (official keys) holding EMA track 1 or 2, as in a checkpoint's model_ema1/model_ema2. Its
+        tensors are the track itself, as state_dict() holds the live weights: no copy on the device at each save."""
         state = self.state_dict()
         names = [name for name, _ in self.named_parameters()]
-        state.update({name: t.detach().clone() for name, t in zip(names, self.ema_params[track - 1])})
+        state.update({name: t.detach() for name, t in zip(names, self.ema_params[track - 1])})
         return state
 
     @torch.no_grad()

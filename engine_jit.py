@@ -39,9 +39,9 @@ def random_flip(x):
 
 def train_step(model, model_without_ddp, optimizer, x, labels, precision):
     """One optimisation step on a device batch: loss (autocast), backward, AdamW, both EMA tracks. Returns the loss."""
+    optimizer.zero_grad(set_to_none=True)  # before the forward: the last step's gradients never sit beside activations
     with misc.autocast(x.device, precision):
         loss = model(x, labels)
-    optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     model_without_ddp.update_ema()

@@ -52,9 +52,9 @@ def get_args_parser():
     parser.add_argument("--proj_dropout", default=0.0, type=float, help="projection / SwiGLU dropout (middle blocks)")
     parser.add_argument("--attn_impl", default="sdpa", choices=ATTN_IMPLS,
                         help="sdpa: fused attention kernel; fp32: the release's float32 logits and softmax")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the JiT network (training and sampling; ~2 min of compilation per batch "
-                             "shape on a CPU; see README, Benchmark)")
+    parser.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
+                        help="torch.compile every transformer block and the final layer, as the release (default: on "
+                             "for CUDA; off elsewhere, where it costs minutes of compilation; see README, Benchmark)")
     # training
     parser.add_argument("--epochs", default=200, type=int)
     parser.add_argument("--warmup_epochs", default=5, type=int, help="linear LR warm-up length in epochs")
@@ -485,11 +485,35 @@ def exit_preempted(signal_name, epoch, next_step, saved):
     sys.exit(PREEMPTED_EXIT_CODE)
 
 
+def configure_kernels(args, device):
+    """--compile's default, on for CUDA only (a CPU run would pay minutes of compilation), and on CUDA cuDNN's
+    autotuner for the patch embedding's convolutions, as the release. TF32 is left at torch's defaults."""
+    if args.compile is None:
+        args.compile = device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def compile_network(net, backend="inductor"):
+    """torch.compile each JiTBlock and the FinalLayer in place (names, state_dict and checkpoints unchanged), as the
+    release; the condition embedder (.tolist() in a -Text caption lookup) stays eager. Sizes are dynamic: every
+    batch reuses the graphs (a last partial one, CFG's doubled one) but a batch of one, which torch specialises."""
+    # the release's cache_size_limit: all blocks share one code object, with an entry per variant (training or
+    # sampling, dropout or not, tokens before or after the in-context ones, ...)
+    torch._dynamo.config.recompile_limit = 128
+    torch._dynamo.config.optimize_ddp = False  # as the release; DDP wraps the compiled blocks (main), never traced
+    for module in [*net.blocks, net.final_layer]:
+        module.compile(backend=backend, dynamic=True)
+
+
 def distribute(model, device):
     """DDP, which broadcasts rank 0's weights, then rank 0's EMA tracks too: they are not module state, and each rank
     built its own from its own seed (the release copies its EMA after DDP's broadcast). Without this every rank but
     0 would sample its share of an online evaluation from an EMA of another random init."""
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # gradients as views of the allreduce buckets (one copy of the gradients, not two); no buffer broadcast before
+    # every forward: the only buffers are constant tables (RoPE; a trainable LLM's rotary frequencies)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                    gradient_as_bucket_view=True, broadcast_buffers=False)
     broadcast_from_rank0([tensor for track in model.ema_params for tensor in track])
     return ddp
 
@@ -543,6 +567,7 @@ def main(args):
     checkpoint_path = choose_checkpoint(args)  # before any work: a run that must not start stops here
     device = misc.resolve_device(args.device, args.gpu if args.distributed else None)
     args.precision = misc.resolve_precision(args.precision, device)
+    configure_kernels(args, device)
     misc.keep_freed_cpu_memory(device)
     misc.seed_everything(args.seed + misc.get_rank())
     log_writer = SummaryWriter(log_dir=args.output_dir) if misc.is_main_process() else None
@@ -551,7 +576,7 @@ def main(args):
 
     model = Denoiser(args).to(device)
     if args.compile:
-        model.net.compile()  # in place: parameter names, state_dict, EMA tracks and checkpoints are unchanged
+        compile_network(model.net)  # before DDP wraps the model (below)
     model_without_ddp = model
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{args.model}: {num_params / 1e6:.2f}M trainable parameters")
@@ -594,6 +619,10 @@ def main(args):
     steps_per_epoch = data_loader.sampler.num_samples // args.batch_size
     val_loader = build_val_loader(args, val_samples) if val_samples is not None else None
     if args.distributed:
+        # after compile_network, as the release: DDP wraps a Denoiser whose blocks are compiled, so dynamo compiles
+        # each block's forward and backward and never traces DDP. DDP's hooks then allreduce a gradient bucket as
+        # soon as the compiled backwards of its blocks have run (overlap block by block), and dynamo's DDPOptimizer,
+        # which splits a compiled DDP module at bucket boundaries, has nothing to split (optimize_ddp False).
         model = distribute(model_without_ddp, device)
     stop_requests = StopRequests(args.save_every_minutes)
 
@@ -619,6 +648,9 @@ def main(args):
                 saved = save(epoch, step)
             if why == "preempted":
                 exit_preempted(stop_requests.signal_received, epoch, step, saved)
+        # the next step sets new gradients: free these before validation, saving and sampling (under DDP they are
+        # views of its gradient buckets, which stay: gradient_as_bucket_view)
+        optimizer.zero_grad(set_to_none=True)
         if val_loader is not None:
             validate(model_without_ddp, val_loader, device, epoch, log_writer, args, (epoch + 1) * steps_per_epoch)
         last_epoch = epoch + 1 == args.epochs
@@ -627,9 +659,13 @@ def main(args):
         if epoch % 100 == 0 and epoch > 0:
             save(epoch, steps_per_epoch, name=str(epoch))
         if args.online_eval and (epoch % args.eval_freq == 0 or last_epoch):
+            # as the release: the allocator's cached training blocks go back to the GPU before sampling, and the
+            # sampling blocks before training resumes (a no-op unless CUDA is in use)
+            torch.cuda.empty_cache()
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 evaluate_sweep(model_without_ddp, args, epoch, log_writer, device, inception, ref_stats,
                                eval_label_ids)
+            torch.cuda.empty_cache()
         if log_writer is not None:
             log_writer.flush()
     print(f"training time {time.strftime('%H:%M:%S', time.gmtime(time.time() - start_time))}")

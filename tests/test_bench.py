@@ -4,11 +4,13 @@ import json
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 from denoiser import Denoiser
 from util import benchmark
+from util.misc import autocast
 
 
 def tiny_denoiser(make_args, *argv, device="cpu"):
@@ -132,3 +134,55 @@ def test_loader_mode_measures_jpegs_and_shards(capsys):
     assert shards["images_per_cpu_s"] > 2 * jpeg["images_per_cpu_s"] > 0  # no decoding, no resizing
     assert 3 * 32 * 32 <= shards["disk_bytes_per_image"] < 3 * 32 * 32 + 20  # uint8 crops + the .npy header
     assert jpeg["disk_bytes_per_image"] > 10_000  # 500 x 375 photographs at quality 90
+
+
+def test_activation_bytes_counted_on_fake_tensors_are_those_of_a_real_forward(make_args):
+    """bench.py --memory counts what a bf16 training forward keeps for its backward, on fake tensors (no memory):
+    the bytes of a real forward, which are what torch's MemTracker finds alive at its end besides the weights (and
+    the 4-byte loss), exactly linear in the batch size."""
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    with torch.random.fork_rng(devices=[]):
+        real_model = Denoiser(make_args())
+        real = [benchmark.saved_for_backward_bytes(real_model, n, 32, "bf16") for n in (1, 2, 3)]
+        with FakeTensorMode():
+            fake_model = Denoiser(make_args())
+            fake = [benchmark.saved_for_backward_bytes(fake_model, n, 32, "bf16") for n in (1, 2, 3)]
+    assert fake == real
+    assert real[2] - real[1] == real[1] - real[0] > 0
+    real_model.net.pos_embed.requires_grad_(True)  # MemTracker hooks every parameter's gradient: none may be frozen
+    for batch, expected in zip((1, 2), real):
+        tracker = MemTracker()
+        tracker.track_external(real_model)
+        with tracker:
+            with autocast(torch.device("cpu"), "bf16"):  # its exit frees the weight casts no backward needs
+                loss = real_model(torch.zeros(batch, 3, 32, 32), torch.zeros(batch, dtype=torch.long))
+            alive = tracker.get_tracker_snapshot()[torch.device("cpu")]
+        del loss
+        assert alive["Total"] - alive[_MemRefType.PARAM] - alive[_MemRefType.BUFFER] == expected + 4
+    # fp32 keeps float32 activations where bf16 keeps bfloat16 ones
+    fp32 = [benchmark.saved_for_backward_bytes(real_model, n, 32, "fp32") for n in (1, 2)]
+    assert 1.3 < (fp32[1] - fp32[0]) / (real[1] - real[0]) < 2
+
+
+def test_memory_mode_adds_up_the_training_memory_of_a_model(capsys):
+    """JiT-B/16 at batch 128 (in run_bench's fp32): float32 weights, gradients (4 bytes per trained parameter),
+    AdamW's two moments and two EMA tracks, plus the activations, and the largest batch within --gpu_memory_gib."""
+    rec = run_bench(capsys, "--memory", "--memory_models", "JiT-B/16", "--batch_size", "128", "--gpu_memory_gib", "72")
+    row = rec["memory"]["JiT-B/16@256"]
+    trained = 131_123_712  # the published count; pos_embed (1, 256, 768) is frozen
+    assert row["parameters"] == trained + 256 * 768
+    assert [row[k] for k in ("weights", "gradients", "adamw", "ema")] == [4 * row["parameters"], 4 * trained,
+                                                                          8 * trained, 8 * row["parameters"]]
+    assert row["state"] == row["weights"] + row["gradients"] + row["adamw"] + row["ema"]
+    eager = row["eager"]
+    assert [eager["activations_per_image"], eager["activations_per_batch"]] == list(
+        bench.activation_bytes("JiT-B/16", 256, rec["precision"], compiled=False))
+    assert eager["total"] == row["state"] + eager["activations_per_batch"] + 128 * eager["activations_per_image"]
+    assert eager["activations_per_batch"] < 0.001 * row["weights"]  # fp32 saves the weights themselves: not counted
+
+    def total(batch):
+        return row["state"] + eager["activations_per_batch"] + batch * eager["activations_per_image"]
+
+    assert total(eager["largest_batch"]) <= 72 * 2 ** 30 < total(eager["largest_batch"] + 1)
+    assert "compiled" not in row  # --compile is off by default on a CPU

@@ -82,6 +82,50 @@ def test_roundtrip_is_bit_exact(make_args, perturb, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-last.pth"]  # no temporary file left
 
 
+def test_a_save_copies_no_weight_or_ema_tensor(make_args, perturb, tmp_path, monkeypatch):
+    """torch.save receives the live weights and both EMA tracks themselves: a clone of the two tracks at every save
+    took 8 bytes per parameter of GPU memory on rank 0 (16 GB for JiT-G/16)."""
+    args = make_args("--img_size", "8", "--ema_decay1", "0.9", "--ema_decay2", "0.5")
+    den, optimizer = trained_denoiser(args, perturb)
+    saved = []
+    torch_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: saved.append(obj) or torch_save(obj, f, *a, **k))
+    save_checkpoint(str(tmp_path / "checkpoint-last.pth"), den, optimizer, 0, args)
+    names = [name for name, _ in den.named_parameters()]
+    assert len(saved) == 1 and len(names) == len(den.ema_params[0])
+    for key, weights in (("model", list(den.parameters())), ("model_ema1", den.ema_params[0]),
+                         ("model_ema2", den.ema_params[1])):
+        for name, tensor in zip(names, weights, strict=True):
+            assert saved[0][key][name].data_ptr() == tensor.data_ptr(), (key, name)
+    assert not torch.equal(saved[0]["model_ema1"][names[-1]], saved[0]["model_ema2"][names[-1]])  # two tracks
+
+
+def test_a_save_fsyncs_the_file_renames_it_then_fsyncs_the_folder(make_args, tmp_path, monkeypatch):
+    """The order that makes a checkpoint durable: the complete temporary file fsynced, then renamed over the path,
+    then its folder fsynced (the rename itself). Without the first fsync a crash after the rename can leave the
+    new name pointing at a file whose data never reached the disk."""
+    import os
+
+    args = make_args("--img_size", "8")
+    den = Denoiser(args)
+    path = str(tmp_path / "checkpoint-last.pth")
+    calls = []
+    fsync, replace = os.fsync, os.replace
+
+    def recorded_fsync(fd):  # what the descriptor is, and for a file how many bytes it holds at that moment
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        calls.append(("fsync", target, os.path.getsize(target) if os.path.isfile(target) else None))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", lambda src, dst: calls.append(("replace", src, dst)) or replace(src, dst))
+    save_checkpoint(path, den, torch.optim.AdamW(den.parameters()), 0, args)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    real = os.path.realpath
+    assert calls == [("fsync", real(tmp), os.path.getsize(path)), ("replace", tmp, path),
+                     ("fsync", real(tmp_path), None)]
+
+
 def test_checkpoint_without_ema_initialises_both_tracks_from_weights(make_args, perturb, tmp_path):
     args = make_args("--img_size", "8")
     torch.manual_seed(3)

@@ -151,6 +151,34 @@ def test_ema_tracks_identical_across_ranks_from_scratch(tmp_path):
 
 
 @pytest.mark.slow
+def test_main_on_two_ranks_ends_with_rank_0s_ema_tracks_on_every_rank(image_folder, tmp_path):
+    """main_jit.py itself on 2 gloo ranks, compiled as on a GPU (--compile, traced by dynamo): each rank built its
+    EMA tracks from its own seed (seed + rank); main's DDP set-up gives them rank 0's, so after training every rank
+    holds the same weights and EMA tracks, those of rank 0's checkpoint. DDP keeps one copy of the gradients (views of
+    its buckets) and broadcasts no buffers."""
+    out = tmp_path / "out"
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/ddp_main.py",
+         *map(str, [tmp_path / "ranks", *TINY, "--data_path", image_folder, "--output_dir", out, "--batch_size", 4,
+                    "--num_workers", 0, "--epochs", 1, "--warmup_epochs", 1, "--blr", 1e-2, "--ema_decay1", 0.9,
+                    "--ema_decay2", 0.5, "--compile"])])
+    ranks = [torch.load(f"{tmp_path / 'ranks'}.rank{r}") for r in range(2)]
+    checkpoint = read_checkpoint(out / "checkpoint-last.pth")
+    names = list(ranks[0]["model"])
+    assert checkpoint["resume_state"]["step"] == 0 and checkpoint["epoch"] == 0  # the epoch's 2 steps were taken
+    for rank in ranks:
+        assert rank["ddp"] == {"gradient_as_bucket_view": True, "broadcast_buffers": False}
+        assert rank["compiled"] == [f"net.blocks.{i}" for i in range(6)] + ["net.final_layer"]
+        for key in names:
+            assert torch.equal(rank["model"][key], checkpoint["model"][key]), key
+        parameters = [name for name in names if name in checkpoint["model_ema1"]]
+        for track in (1, 2):
+            for name, tensor in zip(parameters, rank["ema"][track - 1], strict=True):
+                assert torch.equal(tensor, checkpoint[f"model_ema{track}"][name]), (track, name)
+    bias = parameters.index("net.final_layer.linear.bias")  # zero at init, moved by the second step
+    assert not torch.equal(ranks[0]["ema"][0][bias], ranks[0]["ema"][1][bias])
+
+
+@pytest.mark.slow
 def test_ddp_two_ranks_equal_one_process(tmp_path):
     out = tmp_path / "ddp.pth"
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -1,6 +1,6 @@
 """What main_jit.py's training loop actually does: the learning rate that reaches AdamW at every step, the random
 horizontal flip (axis, rate, resume, periodic saves, --no_hflip), an online evaluation that leaves the training RNG
-alone, and a run that reads its checkpoint and statistics files once."""
+alone, a run that reads its checkpoint and statistics files once, and gradients freed before evaluation."""
 import builtins
 import math
 import os
@@ -226,15 +226,38 @@ def test_a_run_reads_its_checkpoint_and_fid_stats_once(tmp_path, monkeypatch):
     assert len(read_scalars(str(tmp_path / "eval"), "fid_cfg1_ema2")) == 1  # both evaluations ran
 
 
-def test_compile_flag_compiles_the_network_in_place(image_folder, tmp_path, monkeypatch):
-    """--compile compiles the JiT network (model.net) in place: the run trains through it and its checkpoint keeps
-    the official key names (no '_orig_mod.' prefix). torch.compile is replaced by a recorder that returns the eager
-    function: a real compile costs ~25 s of CPU per batch shape and would test torch, not this repository."""
-    from model_jit import JiT
+def test_gradients_are_freed_and_the_cache_emptied_around_evaluation(image_folder, tmp_path, monkeypatch):
+    """No step's forward runs beside the last step's gradients (they are set to None first); validation,
+    checkpoints and online evaluation run without them either, and sampling has torch.cuda.empty_cache() on either
+    side, as the release."""
+    stats = tmp_path / "stats.npz"
+    fid.save_stats(stats, {"mu": np.zeros(2048), "sigma": np.eye(2048)})
+    events, model = [], []
+    build = misc.build_optimizer
 
-    compiled = []
-    monkeypatch.setattr(torch, "compile", lambda fn, *args, **kwargs: compiled.append(fn) or fn)
-    args = run_main(["--compile", "--data_path", image_folder[0], "--output_dir", tmp_path, "--batch_size", 8,
-                     "--num_workers", 0, "--epochs", 1], monkeypatch)
-    assert len(compiled) == 1 and isinstance(compiled[0].__self__, JiT)  # nn.Module.compile: the network's call
-    assert list(read_checkpoint(tmp_path / "checkpoint-last.pth")["model"]) == list(Denoiser(args).state_dict())
+    def watched(denoiser, *args, **kwargs):
+        model.append(denoiser)
+        return build(denoiser, *args, **kwargs)
+
+    def gradients(event):
+        held = any(p.grad is not None for p in model[0].parameters())
+        events.append(f"{event}, gradients {'held' if held else 'none'}")
+
+    def forward(denoiser, *args, **kwargs):
+        gradients("forward")
+        return FORWARD(denoiser, *args, **kwargs)
+
+    monkeypatch.setattr(misc, "build_optimizer", watched)
+    monkeypatch.setattr(Denoiser, "forward", forward)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append("empty_cache"))
+    monkeypatch.setattr(fid, "load_inception", lambda *args: None)
+    monkeypatch.setattr(main_jit, "validate", lambda *args: gradients("validate"))
+    monkeypatch.setattr(main_jit, "save_for_resume", lambda *args, **kwargs: gradients("save") or True)
+    monkeypatch.setattr(main_jit, "evaluate_sweep", lambda *args: gradients("evaluate"))
+    run_main(["--data_path", image_folder[0], "--output_dir", tmp_path, "--batch_size", 4, "--num_workers", 0,
+              "--epochs", 2, "--val_fraction", 0.25, "--online_eval", "--eval_freq", 1, "--fid_stats", stats],
+             monkeypatch)
+    # 12 training images, batch 4: three steps per epoch
+    epoch = ["forward, gradients none"] * 3 + ["validate, gradients none", "save, gradients none", "empty_cache",
+                                               "evaluate, gradients none", "empty_cache"]
+    assert events == epoch + epoch

@@ -13,6 +13,8 @@ from torch.utils import benchmark as torch_benchmark
 from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.flop_counter import FlopCounterMode
 
+from util.misc import autocast
+
 
 def device_name(device):
     if device.type == "cuda":
@@ -58,6 +60,25 @@ def model_flops(model, img_size, batch_size=2):
 
 
 # ---------------------------------------------------------------------------------------------------------- memory
+def saved_for_backward_bytes(model, batch_size, img_size, precision):
+    """Bytes of the tensors a Denoiser's training forward on the CPU (bf16 autocast or fp32, as --precision) keeps
+    for its backward, each storage once and parameters excepted: its activation memory. Run it on fake tensors."""
+    parameters = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved = {}  # storages held until the sum: a freed one's address could be reused by another
+
+    def keep(tensor):
+        storage = tensor.untyped_storage()
+        if storage._cdata not in parameters:
+            saved[storage._cdata] = storage
+        return tensor
+
+    x = torch.zeros(batch_size, 3, img_size, img_size)
+    labels = torch.zeros(batch_size, dtype=torch.long)
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), autocast(x.device, precision):
+        model(x, labels)
+    return sum(storage.nbytes() for storage in saved.values())
+
+
 def _status_kib(field):
     try:
         with open("/proc/self/status") as f:
