@@ -157,8 +157,11 @@ class Checker:
         self.device, self.out, self.llm = device, out, llm
         self.sizes = SIZES[device]
         self.gpus = torch.cuda.device_count() if device == "cuda" else 0  # counted without a CUDA context here
-        self.env = dict(os.environ, JIT_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                        HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
+        # without SLURM's variables: in an sbatch script (SLURM_PROCID 0, SLURM_NTASKS of the job) a single-process
+        # command would take itself for one of the job's srun tasks and wait for the others
+        self.env = {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
+        self.env.update(JIT_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                        PYTHONUNBUFFERED="1")  # nothing downloads; output arrives as it is printed
         self.rows = []
 
     def path(self, *parts):

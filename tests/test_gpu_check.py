@@ -120,6 +120,18 @@ def test_kill_when_kills_the_launcher_and_the_ranks_it_started(tmp_path):
     assert not psutil.pid_exists(rank) or psutil.Process(rank).status() == psutil.STATUS_ZOMBIE
 
 
+def test_commands_run_offline_and_outside_slurm(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_PROCID", "0")  # an sbatch script's environment: task 0 of a job of 8 tasks
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    checker = gpu_check.Checker("cpu", str(tmp_path))
+    checker.commands, checker.seconds, checker.log = [], 0.0, str(tmp_path / "env.log")
+    output = checker.run([sys.executable, "-c", "import json, os; print(json.dumps(dict(os.environ)))"])
+    env = json.loads(output)
+    assert not [name for name in env if name.startswith("SLURM_")]
+    assert {name: env[name] for name in ("JIT_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")} == \
+        {"JIT_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
 def fake_nvidia_smi(folder, readings):
     """An nvidia-smi printing readings[n] (MiB per GPU) at its n-th call (the last one from then on) and recording
     its arguments."""
