@@ -1,6 +1,9 @@
 """gpu_check.py, the first-GPU check: its CPU run end to end (what CI runs so that it cannot rot), and its parts: a
 failing check's report, the SIGKILL of a launcher and the ranks it started, the nvidia-smi memory poll, the output
 folder."""
+import argparse
+import builtins
+import contextlib
 import json
 import os
 import re
@@ -12,6 +15,7 @@ import time
 import psutil
 import pytest
 import torch
+import torch.distributed as dist
 
 import gpu_check
 import util.misc as misc
@@ -99,6 +103,59 @@ def test_a_failing_check_shows_its_tail_skips_what_needs_it_and_exits_1(tmp_path
     rows = json.loads((tmp_path / "out" / "gpu_check.json").read_text())["checks"]
     assert [(row["check"], row["result"]) for row in rows] == [("tool", "FAIL"), ("after", "SKIP"), ("other", "PASS")]
     assert rows[0]["log"] == str(log) and rows[1]["commands"] == []
+
+
+def gpu_start_up_log(monkeypatch, capsys, make_args, ranks, native_bf16):
+    """(what main_jit.py prints at start-up on `ranks` GPUs under torchrun, the precision it resolves), made by
+    util.misc itself with torch.cuda and the process group stubbed: each rank's init line, and on a GPU without native
+    bf16 the precision line."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: ranks)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: None)
+    monkeypatch.setattr(dist, "barrier", lambda: None)
+    original_print = builtins.print
+    monkeypatch.setattr(builtins, "print", original_print)  # restored after the test
+    for rank in range(ranks):
+        for name, value in dict(RANK=rank, WORLD_SIZE=ranks, LOCAL_RANK=rank, MASTER_ADDR="127.0.0.1",
+                                MASTER_PORT=29500).items():
+            monkeypatch.setenv(name, str(value))
+        misc.init_distributed_mode(make_args("--device", "cuda"))
+        builtins.print = original_print  # each rank is a process of its own: rank 1 silenced only itself
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda **kwargs: native_bf16)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Tesla V100-SXM2-32GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (7, 0))
+    precision = misc.resolve_precision("auto", torch.device("cuda", 0))
+    return capsys.readouterr().out, precision
+
+
+@pytest.mark.parametrize("native_bf16", [True, False], ids=["bf16 GPU", "GPU without native bf16"])
+def test_the_cuda_expectations_read_what_main_jit_prints_on_gpus(tmp_path, monkeypatch, capsys, make_args,
+                                                                 native_bf16):
+    log, precision = gpu_start_up_log(monkeypatch, capsys, make_args, 2, native_bf16)
+    checker = gpu_check.Checker("cuda", str(tmp_path))
+    assert checker.gpus == 2
+    assert checker.check_launch(log, 2) == "torchrun, 2 ranks, nccl"
+    with pytest.raises(gpu_check.CheckFailed, match=r"expected 2 rank\(s\) joining with nccl on cuda:0, cuda:1"):
+        checker.check_launch(log.replace("cuda:1", "cuda:0"), 2)  # two ranks on one GPU
+    compiled = argparse.Namespace(precision=precision, compile=True)  # the checkpoint's args
+    assert checker.check_settings(compiled, log) == ("bf16, compiled" if native_bf16 else
+                                                     "fp32 (no native bf16 on Tesla V100-SXM2-32GB), compiled")
+    with pytest.raises(gpu_check.CheckFailed, match=r"^--compile resolved to False on cuda$"):
+        checker.check_settings(argparse.Namespace(precision=precision, compile=False), log)
+    if native_bf16:  # fp32 without main_jit.py saying that the GPU lacks bf16
+        with pytest.raises(gpu_check.CheckFailed, match=r"^trained in fp32, expected bf16$"):
+            checker.check_settings(argparse.Namespace(precision="fp32", compile=True), log)
+
+
+def test_two_ranks_are_skipped_on_one_gpu(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    checker = gpu_check.Checker("cuda", str(tmp_path))
+    (tmp_path / "logs").mkdir()
+    checker.check("two_ranks", "train 2 ranks", gpu_check.train_two_ranks)
+    assert [(row["result"], row["note"], row["commands"]) for row in checker.rows] == [("SKIP", "1 GPU visible", [])]
+    assert "[1] train 2 ranks ... SKIP (1 GPU visible)" in capsys.readouterr().out
 
 
 LAUNCHER = """
