@@ -513,7 +513,7 @@ def distribute(model, device):
     # gradients as views of the allreduce buckets (one copy of the gradients, not two); no buffer broadcast before
     # every forward: the only buffers are constant tables (RoPE; a trainable LLM's rotary frequencies)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                    gradient_as_bucket_view=True, broadcast_buffers=False)
+                                                    gradient_as_bucket_view=True, forward_sync_buffers=False)
     broadcast_from_rank0([tensor for track in model.ema_params for tensor in track])
     return ddp
 

@@ -30,6 +30,7 @@ with main_jit.misc.distributed_mode(args):  # as main_jit.py's __main__: joins t
 model, = built
 ddp, = wrapped
 torch.save({"model": model.state_dict(), "ema": model.ema_params,
-            "ddp": {"gradient_as_bucket_view": ddp.gradient_as_bucket_view, "broadcast_buffers": ddp.broadcast_buffers},
+            "ddp": {"gradient_as_bucket_view": ddp.gradient_as_bucket_view,
+                    "forward_sync_buffers": ddp.forward_sync_buffers},
             "compiled": [name for name, module in model.named_modules() if module._compiled_call_impl is not None]},
            f"{sys.argv[1]}.rank{os.environ['RANK']}")

@@ -166,7 +166,7 @@ def test_main_on_two_ranks_ends_with_rank_0s_ema_tracks_on_every_rank(image_fold
     names = list(ranks[0]["model"])
     assert checkpoint["resume_state"]["step"] == 0 and checkpoint["epoch"] == 0  # the epoch's 2 steps were taken
     for rank in ranks:
-        assert rank["ddp"] == {"gradient_as_bucket_view": True, "broadcast_buffers": False}
+        assert rank["ddp"] == {"gradient_as_bucket_view": True, "forward_sync_buffers": False}
         assert rank["compiled"] == [f"net.blocks.{i}" for i in range(6)] + ["net.final_layer"]
         for key in names:
             assert torch.equal(rank["model"][key], checkpoint["model"][key]), key
