@@ -90,7 +90,7 @@ def main_text(args):
     print("held out of training: " + "; ".join(shapes.caption(*c, "en") for c in shapes.HELD_OUT))
     timings.append(("data", time.time() - t0))
 
-    t0 = stage("2/5 LLM", "the frozen text encoder")
+    t0 = stage("2/5 LLM", "the frozen caption LLM")
     if args.llm_model_name:
         llm_path = os.path.abspath(args.llm_model_name)
         llm.check_llm_folder(llm_path)

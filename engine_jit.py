@@ -181,9 +181,8 @@ def read_evaluations(output_dir):
 
 def evaluate(model_without_ddp, args, epoch, log_writer, device, inception, ref_stats, label_ids, cfg=None,
              ema_track=None):
-    """Generate num_images samples cycling through label_ids with an EMA track; FID against ref_stats (the loaded
-    --fid_stats) and IS on rank 0, printed, logged to TensorBoard and appended to evaluations.jsonl. With --save_png,
-    image n is <n>_class<label>.png, or <n>_prompt<n % len(label_ids)>.png listed in the folder's prompts.txt."""
+    """FID (against ref_stats) and IS of num_images samples cycling through label_ids, with an EMA track; on rank 0
+    printed, logged to TensorBoard and appended to evaluations.jsonl. --save_png writes the images (README)."""
     cfg = args.cfg if cfg is None else cfg
     ema_track = args.eval_ema if ema_track is None else ema_track
     rank, world_size = misc.get_rank(), misc.get_world_size()

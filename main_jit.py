@@ -35,9 +35,8 @@ def load_fid_stats(args):
 
 
 def resume(args, model_without_ddp, optimizer, path):
-    """Load checkpoint `path` (choose_checkpoint's; None: a fresh start); returns (epoch, step within it) to continue
-    from. Checkpoints of ours carry resume_state (mid-epoch position and every rank's RNG states); official ones
-    continue at the next epoch."""
+    """Load checkpoint `path` (None: a fresh start); returns the (epoch, step) to continue at: ours carry their
+    mid-epoch position and every rank's RNG states (resume_state), official ones continue at the next epoch."""
     if path is None:
         if args.evaluate_gen:
             print(f"--evaluate_gen without --resume: evaluating the initial (untrained) weights of --seed {args.seed}")
@@ -66,10 +65,9 @@ def resume(args, model_without_ddp, optimizer, path):
 
 def save_for_resume(args, model_without_ddp, optimizer, stop_requests, epoch, next_step, steps_per_epoch,
                     name="last"):
-    """Checkpoint (collective: every rank hands its RNG states to rank 0) to continue at (epoch, next_step).
-    Its official `epoch` is the last complete epoch, so the original code restarts an unfinished one.
-    A failed write (disk full, ...) is reported in one line, the previous checkpoint stays, and every rank returns
-    False."""
+    """Checkpoint to continue at (epoch, next_step), collective (every rank's RNG states); True on every rank when it
+    was written, False after a failed write (reported in one line; the previous checkpoint stays)."""
+    # its official `epoch` is the last complete epoch: the original code restarts an unfinished one
     if not all(torch.isfinite(p).all() for p in model_without_ddp.parameters()):  # same weights on every rank
         raise SystemExit(f"non-finite weights at epoch {epoch} step {next_step}: training stopped before any "
                          f"checkpoint was written with these weights")
@@ -107,9 +105,8 @@ def exit_preempted(signal_name, epoch, next_step, written):
 
 
 def distribute(model, device):
-    """DDP, which broadcasts rank 0's weights, then rank 0's EMA tracks too: they are not module state, and each rank
-    built its own from its own seed (the release copies its EMA after DDP's broadcast). Without this every rank but
-    0 would sample its share of an online evaluation from an EMA of another random init."""
+    """DDP, which broadcasts rank 0's weights, and rank 0's EMA tracks, which are not module state (each rank built its
+    own from its seed; online evaluation samples from them on every rank). The release copies its EMA after DDP."""
     # gradients as views of the allreduce buckets (one copy of the gradients, not two); no buffer broadcast before
     # every forward: the only buffers are constant tables (RoPE; a trainable LLM's rotary frequencies)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,

@@ -177,7 +177,8 @@ class TextProjection(nn.Module):
         super().__init__()
         self.freeze = bool(freeze)
         if not self.freeze:
-            self.llm = caption_llm.load_trainable()  # loaded before the projection's init draws, as it always was
+            # before the projection's init draws: the initial weights of a seed depend on the order
+            self.llm = caption_llm.load_trainable()
         self.proj = nn.Linear(caption_llm.hidden_size, hidden_size)
         nn.init.xavier_uniform_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)

@@ -1,6 +1,6 @@
 """The frozen LLM's memory (text_conditioning.CaptionLLM): its weights are loaded only by a process that has captions
 to embed, in the dtype they compute in, and released after; a start-up with every caption in the caption store
-loads none. In-process with main_jit.setup_captions, and across two torchrun ranks (gloo)."""
+loads none. In-process with util/datasets.setup_captions, and across two torchrun ranks (gloo)."""
 import gc
 import os
 import subprocess

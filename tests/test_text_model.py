@@ -383,7 +383,7 @@ def test_tokens_checkpoint_round_trip_and_mode_is_recorded(text_args, perturb, t
 
 
 def test_training_and_sampling_read_the_same_rows(text_args, tmp_path):
-    """Training (main_jit.setup_captions) and sampling (sample.py's store lookup of its prompts, in another batch
+    """Training (util/datasets.setup_captions) and sampling (sample.py's store lookup of its prompts, in another batch
     and another process's model) read a caption's features bit for bit alike, in both modes."""
     from util.datasets import setup_captions
     for mode in ("pooled", "tokens"):

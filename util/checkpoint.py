@@ -1,5 +1,6 @@
-"""Reading official-layout checkpoints (dict with model, model_ema1, model_ema2, optimizer, epoch, args), and the
-exported model folders of export.py (config.json + model.safetensors: one weight set, no optimizer, no pickle)."""
+"""Checkpoints in the official layout (dict with model, model_ema1, model_ema2, optimizer, epoch, args): writing,
+reading, which one a run resumes; and the model folders of export.py (config.json + model.safetensors: one weight
+set, no optimizer, no pickle)."""
 import argparse
 import glob
 import json
@@ -84,10 +85,9 @@ def weight_set_entry(checkpoint, ema_track):
 
 
 def read_model_source(path, flag="--checkpoint"):
-    """What `flag` names: a checkpoint .pth, a folder holding checkpoint-last.pth, or a folder written by export.py.
-    Returns (file or folder, its saved args or None, checkpoint dict or None, export config or None); the saved args
-    are a checkpoint's `args` (an official one may have none) or an export's model and sampler fields. One-line
-    FileNotFoundError or ValueError."""
+    """(path, saved args, checkpoint, config) of what `flag` names: a checkpoint .pth or a folder holding
+    checkpoint-last.pth (config None), or an export folder (checkpoint None); one-line FileNotFoundError/ValueError."""
+    # saved args: a checkpoint's `args` (None in an official file without them), or an export's fields
     if is_pretrained_folder(path):
         config = read_pretrained_config(path)
         return path, {name: config[name] for name in PRETRAINED_FIELDS}, None, config
@@ -102,9 +102,8 @@ def read_model_source(path, flag="--checkpoint"):
 
 
 def resolve_checkpoint_path(path, flag="--resume", required=False):
-    """A checkpoint .pth file, or a folder holding checkpoint-last.pth -> the file to load (flag names the path in
-    errors). A folder without checkpoint-last.pth gives None (a first launch of an auto-resuming job) unless required;
-    a path that does not exist is a FileNotFoundError, never a silent fresh start."""
+    """A checkpoint .pth, or a folder holding checkpoint-last.pth -> the file; a folder without one -> None (the first
+    launch of an auto-resuming job) unless required. A path that does not exist is an error, never a fresh start."""
     if not path:
         return None
     if os.path.isfile(path):
@@ -161,10 +160,8 @@ def remove_stale_temporaries(output_dir):
 
 
 def save_checkpoint(path, denoiser, optimizer, epoch, args, resume_state=None):
-    """Write a checkpoint in the official layout atomically: a temporary file in the same folder, fsynced, then
-    renamed over `path`, so a crash at any instant leaves the previous or the new checkpoint, never a torn one.
-    resume_state (beside the official keys, ignored by the original code): where to continue exactly, see
-    main_jit.save_for_resume."""
+    """Write a checkpoint in the official layout, atomically; resume_state (beside the official keys, which the
+    original code ignores) says where to continue exactly (main_jit.save_for_resume)."""
     checkpoint = {
         "model": denoiser.state_dict(),
         "model_ema1": denoiser.ema_state_dict(1),
@@ -192,10 +189,9 @@ def check_resume_compatible(args, path, saved):
 
 
 def choose_checkpoint(args):
-    """The checkpoint file this run continues from, or None for a fresh start: decided on rank 0, followed by every
-    rank (a node that cannot see the checkpoint would otherwise start at epoch 0 while the others resume). Stops every
-    rank with one line when --resume names nothing, when --evaluate_gen finds no checkpoint in a --resume folder, or
-    when the run would write over checkpoints that --output_dir already holds."""
+    """The checkpoint this run continues from (None: a fresh start), decided on rank 0 for every rank, or one line on
+    every rank when it must not start (refuse_to_start, a --resume that names nothing)."""
+    # decided once: a node that could not see the checkpoint would otherwise start at epoch 0 beside ranks resuming
     decision = [None, None]  # (path, error)
     if misc.is_main_process():
         try:
@@ -213,9 +209,8 @@ def choose_checkpoint(args):
 
 
 def refuse_to_start(args, path):
-    """Why this run must not start with checkpoint `path` (None: fresh), or None. Evaluation never writes checkpoints;
-    training writes checkpoint-last.pth and checkpoint-<epoch>.pth into --output_dir, which must not replace another
-    run's: only a run continuing a checkpoint of that folder may."""
+    """Why this run must not start with checkpoint `path` (None: fresh), or None: training must not replace another
+    run's checkpoints in --output_dir, and --evaluate_gen needs a checkpoint in a --resume folder."""
     if args.evaluate_gen:
         if args.resume and path is None:
             return (f"--resume {args.resume}: no checkpoint-last.pth there, nothing to evaluate (without --resume, "

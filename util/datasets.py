@@ -139,9 +139,8 @@ def build_train_loader(args, dataset):
 
 
 def build_val_set(args, dataset, text):
-    """(samples, captions) of --val_path, or samples held out of `dataset` by --val_fraction (removed from its
-    .samples, before the training loader is built); (None, []) without validation. The captions of a captioned
-    --val_path are its own: the caller appends them to the model's caption list and shifts the labels."""
+    """(samples, captions) of --val_path (its own captions, which index its own list), or (samples held out of
+    `dataset`'s .samples by --val_fraction, []); (None, []) without validation."""
     if (args.val_fraction or args.val_path) and isinstance(dataset, ShardDataset):
         raise SystemExit(f"--data_path {args.data_path}: pre-cropped shards have no validation split; use "
                          f"--val_fraction or --val_path with the image folder")
@@ -179,17 +178,15 @@ def build_val_loader(args, samples):
 
 
 def sample_eval_prompts(dataset, num_images, seed):
-    """Caption ids of min(num_images, N) of the N training images, drawn without replacement by random.Random(seed):
-    the same on every rank and at every evaluation of a run, and following the data set's caption frequencies, as
-    the FID reference (statistics of the training images) does."""
+    """Caption ids of min(num_images, N) of the N training images drawn by random.Random(seed): the same everywhere,
+    and in the data set's caption frequencies, as the FID reference (the training images)."""
     labels = [label for _, label in dataset.samples]
     return [labels[i] for i in random.Random(seed).sample(range(len(labels)), min(num_images, len(labels)))]
 
 
 def setup_captions(args, model_without_ddp, dataset, val_captions=()):
-    """Give a -Text model its caption list (training captions, then evaluation prompts, then the captions of a
-    --val_path) and the caption store that holds their LLM features (the missing ones embedded first, split across
-    the ranks). Returns the caption indices used for evaluation."""
+    """Give a -Text model its caption list (training captions, evaluation prompts, --val_path captions) and their
+    caption store (the missing ones embedded first, across the ranks). Returns the evaluation caption indices."""
     captions = list(dataset.captions) if dataset is not None else []
     try:
         prompts = read_prompts(args.prompts_file) if args.prompts_file else captions
@@ -215,9 +212,9 @@ def setup_captions(args, model_without_ddp, dataset, val_captions=()):
 
 
 def training_data(args, model_without_ddp):
-    """(training set or None, validation samples or None, evaluation label ids) of --data_path and --val_path /
-    --val_fraction; a -Text model also gets its caption list (training captions, evaluation prompts, validation
-    captions). --evaluate_gen reads the data only for the captions of a -Text model without --prompts_file."""
+    """(training set or None, validation samples or None, evaluation label ids) of --data_path, --val_path and
+    --val_fraction; a -Text model also gets its caption list (setup_captions)."""
+    # --evaluate_gen reads the data only for the captions of a -Text model without --prompts_file
     text = is_text_model(args)
     dataset = None
     if not (args.evaluate_gen and (not text or args.prompts_file)):

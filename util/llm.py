@@ -2,7 +2,7 @@
 file into the transformers folder (tokenizer + float32 LlamaModel weights) that --llm_model_name and
 bench.py --text_llm take.
 
-    python -m util.llm --out smollm2            # writes ./smollm2 (~0.5 GB, ~20 s); then --llm_model_name smollm2
+    python -m util.llm --out smollm2            # writes ./smollm2; then --llm_model_name smollm2
 """
 import argparse
 import importlib.util

@@ -1,4 +1,4 @@
-"""Distributed setup, seeding and small helpers shared by main_jit.py and engine_jit.py."""
+"""Distributed set-up, devices, seeding, kernels, atomic writes, progress bars: small helpers of every tool."""
 import builtins
 import ctypes
 import datetime
@@ -254,13 +254,8 @@ def cpus_per_process():
 
 
 def keep_freed_cpu_memory(device):
-    """On a CPU device, make glibc keep freed memory for reuse instead of returning it to the OS.
-
-    glibc serves blocks above 32 MB (a JiT-B/16 batch-8 SwiGLU activation is 38 MB) with mmap and unmaps them when
-    freed, so each step page-faults and zeroes those activations again (JiT-B/16 batch 8: 20-50K page faults per
-    step in steady state, seconds of system time in the first steps; none with this). With mmap off and no
-    trimming, the heap keeps them, as CUDA's caching allocator does on a GPU. Returns whether the setting applied
-    (False for other devices and off glibc, e.g. macOS: nothing changes there)."""
+    """On a CPU device, make glibc keep freed blocks for reuse, as CUDA's caching allocator does, instead of unmapping
+    those above 32 MB (a step's largest activations) at every free (README, Benchmark). Returns whether it applied."""
     if device.type != "cpu":
         return False
     try:
@@ -311,7 +306,7 @@ def autocast(device, precision):
 
 def configure_kernels(args, device):
     """--compile's default, on for CUDA only (a CPU run would pay minutes of compilation), and on CUDA cuDNN's
-    autotuner for the patch embedding's convolutions, as the release. TF32 is left at torch's defaults."""
+    autotuner for the patch embedding's convolutions, as the release; TF32 stays at torch's defaults."""
     if args.compile is None:
         args.compile = device.type == "cuda"
     if device.type == "cuda":
@@ -319,9 +314,8 @@ def configure_kernels(args, device):
 
 
 def compile_network(net, backend="inductor"):
-    """torch.compile each JiTBlock and the FinalLayer in place (names, state_dict and checkpoints unchanged), as the
-    release; the condition embedder (.tolist() in a -Text caption lookup) stays eager. Sizes are dynamic: every
-    batch reuses the graphs (a last partial one, CFG's doubled one) but a batch of one, which torch specialises."""
+    """torch.compile each JiTBlock and the FinalLayer in place (state_dict unchanged), as the release; the condition
+    embedder (a -Text caption lookup's .tolist()) stays eager. Dynamic sizes: only a batch of 1 compiles anew."""
     # the release's cache_size_limit: all blocks share one code object, with an entry per variant (training or
     # sampling, dropout or not, tokens before or after the in-context ones, ...)
     torch._dynamo.config.recompile_limit = 128
@@ -342,8 +336,7 @@ def param_groups_weight_decay(model, weight_decay):
 
 def build_optimizer(model, lr, weight_decay, device):
     """The release's AdamW (betas 0.9, 0.95, no decay on biases and norms), with torch's fused kernel on the devices
-    that have one: one kernel per parameter instead of a dozen elementwise passes (JiT-B/16 on a CPU: ~0.2 s ->
-    0.06 s per step)."""
+    that have one: one kernel per parameter instead of a dozen elementwise passes (README, Benchmark)."""
     return torch.optim.AdamW(param_groups_weight_decay(model, weight_decay), lr=lr, betas=(0.9, 0.95),
                              fused=device.type in ("cuda", "cpu", "mps"))
 

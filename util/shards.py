@@ -3,7 +3,8 @@ memory-mapped, so training does not decode and resize every JPEG at every epoch 
 
 A shard folder holds:
   jit_shards.json       img_size, class names, the shard files with their image counts
-  shard-00000.npy ...   uint8 (count, 3, S, S): exactly the tensors the ImageFolder path ships (util/data.train_transform)
+  jit_shards.partial.json  the job it is written by (source, img_size, shard_size, ...): a rerun must match it
+  shard-00000.npy ...   uint8 (count, 3, S, S): exactly the tensors the ImageFolder path ships (train_transform)
   shard-00000.json ...  labels and source paths of the shard's images (what prepare_data.py resumes from)
   labels.npy            int64 label of every image, in shard order
 The images are in ImageFolder order, so the same sampler draws the same images as from the JPEG folder and the
@@ -22,7 +23,7 @@ from util.data import load_rgb, train_transform, unreadable_message
 from util.misc import atomic_write, progress_bar
 
 INDEX_NAME = "jit_shards.json"
-JOB_NAME = "jit_shards.partial.json"  # what an unfinished folder is being written from (checked on resuming)
+JOB_NAME = "jit_shards.partial.json"
 
 
 def is_shard_folder(path):
@@ -124,9 +125,8 @@ def write_shard(out, index, crops, img_size, on_bad, num_workers, bar):
 
 
 def write_shards(folder, data_path, out, img_size, shard_size=2048, on_bad="error", num_workers=0):
-    """The ADM crops of `folder` (the ImageFolder of data_path) written into `out` as shards, in its order; a rerun
-    keeps the completed shards of a killed one. ValueError for an unreadable image (on_bad "error") or an `out`
-    holding another job's shards."""
+    """The ADM crops of `folder` (data_path's ImageFolder) written into `out` as shards, resuming a killed run;
+    ValueError for an unreadable image (on_bad "error") or an `out` holding another job's shards."""
     samples = folder.samples
     os.makedirs(out, exist_ok=True)
     job = {"data_path": os.path.abspath(data_path), "img_size": img_size, "shard_size": shard_size,

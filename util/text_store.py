@@ -21,8 +21,8 @@ a rerun embeds only what is still missing.
 
 Exactness: a row read from the store is bit for bit the row written, whoever reads it, so training and sampling see
 the same features for a caption as long as both go through the store (sample.py and evaluation prompts do). The LLM
-features themselves depend on the batch a caption was embedded in by float rounding of the LLM's kernels (up to
-~3e-7 absolute in float32 on a CPU measured, more in bfloat16 on GPUs): computing them again on the fly would differ.
+features themselves depend on the batch a caption was embedded in, by float rounding of the LLM's kernels (README,
+Caption feature store): computing them again on the fly would differ.
 """
 import hashlib
 import json
