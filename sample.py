@@ -169,8 +169,7 @@ def main(argv=None):
             model.net.y_embedder.use_captions(targets, args.text_cache_dir)
             ids = list(range(len(targets)))
         else:
-            ids = parse_classes(cli.classes, args.class_num) if cli.classes is not None else default_classes(
-                args.class_num)
+            ids = default_classes(args.class_num) if cli.classes is None else parse_classes(cli.classes, args.class_num)
             targets = ids
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"sample.py: error: {e}") from None

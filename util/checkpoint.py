@@ -17,7 +17,6 @@ import torch
 
 import util.misc as misc
 from util.args import SAMPLER_FIELDS, is_text_model
-from util.misc import atomic_write
 
 
 def read_checkpoint(path):
@@ -174,7 +173,7 @@ def save_checkpoint(path, denoiser, optimizer, epoch, args, resume_state=None):
         checkpoint["resume_state"] = resume_state
     if caption_llm_of(denoiser) is not None:  # the frozen LLM itself is never saved, only which one it was
         checkpoint["text_encoder"] = caption_llm_of(denoiser).fingerprint()
-    with atomic_write(path, sync_folder=True) as tmp, open(tmp, "wb") as f:
+    with misc.atomic_write(path, sync_folder=True) as tmp, open(tmp, "wb") as f:
         torch.save(checkpoint, f)
 
 
@@ -305,9 +304,9 @@ def save_pretrained(folder, state_dict, config):
     """Write <folder>/model.safetensors (state_dict as given: the Denoiser's net.* keys) and <folder>/config.json."""
     os.makedirs(folder, exist_ok=True)
     tensors = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
-    with atomic_write(os.path.join(folder, PRETRAINED_WEIGHTS)) as tmp:
+    with misc.atomic_write(os.path.join(folder, PRETRAINED_WEIGHTS)) as tmp:
         safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt"})
-    with atomic_write(os.path.join(folder, PRETRAINED_CONFIG)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    with misc.atomic_write(os.path.join(folder, PRETRAINED_CONFIG)) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, ensure_ascii=False)
         f.write("\n")
 

@@ -68,6 +68,7 @@ def build_dataset(args, text):
 
 
 def find_dataset(args, text):
+    """The data set of --data_path for a class model or (text) a -Text model; ValueError naming the flag."""
     kind = data_kind(args.data_path)
     if kind == SHARDS:
         if text:
