@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test demo
+.PHONY: install test demo demo-text
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,3 +19,6 @@ test: install
 
 demo: install
 	$(PY) demo.py
+
+demo-text: install
+	$(PY) demo_text.py

@@ -23,17 +23,17 @@ import time
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import prepare_data
 from denoiser import Denoiser
 from engine_jit import train_step
-from main_jit import compile_network, configure_kernels
-from main_jit import get_args_parser as main_args_parser
 from model_jit import ATTN_IMPLS, JiT_models
 from util import benchmark
+from util.args import SAMPLING_METHODS, training_args
 from util.data import ImageSamples, train_transform
+from util.datasets import image_folder
 from util.llm import check_llm_folder
-from util.misc import autocast, build_optimizer, keep_freed_cpu_memory, resolve_device
-from util.shards import ShardDataset
+from util.misc import (autocast, build_optimizer, compile_network, configure_kernels, keep_freed_cpu_memory,
+                        resolve_device)
+from util.shards import ShardDataset, write_shards
 
 
 def get_parser():
@@ -57,7 +57,7 @@ def get_parser():
     p.add_argument("--train_warmup", default=1, type=int, help="untimed training steps before them")
     p.add_argument("--lr", default=1e-4, type=float)
     p.add_argument("--gen_bsz", default=4, type=int, help="sampling batch size (labels; CFG doubles the net batch)")
-    p.add_argument("--sampling_method", default="heun", choices=["euler", "heun"])
+    p.add_argument("--sampling_method", default="heun", choices=SAMPLING_METHODS)
     p.add_argument("--sampling_steps", default=50, type=int, help="ODE steps")
     p.add_argument("--cfg", default=2.9, type=float)
     p.add_argument("--interval_min", default=0.1, type=float)
@@ -104,14 +104,14 @@ def get_parser():
 
 
 def build(args, device, model=None, text_llm=None, text_conditioning=None):
-    """Denoiser and optimizer as main_jit.py builds them, from main_jit's own parser (same defaults)."""
-    argv = ["--model", (model or args.model) + ("-Text" if text_llm else ""), "--img_size", str(args.img_size),
-            "--class_num", str(args.class_num), "--attn_impl", args.attn_impl,
-            "--sampling_method", args.sampling_method, "--num_sampling_steps", str(args.sampling_steps),
-            "--cfg", str(args.cfg), "--interval_min", str(args.interval_min), "--interval_max", str(args.interval_max)]
+    """Denoiser and optimizer as main_jit.py builds them, with main_jit.py's defaults for the settings not given."""
+    settings = dict(model=(model or args.model) + ("-Text" if text_llm else ""), img_size=args.img_size,
+                    class_num=args.class_num, attn_impl=args.attn_impl, sampling_method=args.sampling_method,
+                    num_sampling_steps=args.sampling_steps, cfg=args.cfg, interval_min=args.interval_min,
+                    interval_max=args.interval_max)
     if text_llm:
-        argv += ["--llm_model_name", text_llm, "--text_conditioning", text_conditioning or "pooled"]
-    model = Denoiser(main_args_parser().parse_args(argv))
+        settings.update(llm_model_name=text_llm, text_conditioning=text_conditioning or "pooled")
+    model = Denoiser(training_args(**settings))
     model = model.to(device)
     if device.type == "meta":
         return model, None
@@ -223,9 +223,9 @@ def text_overhead(args, device, log):
                 caption_llm = model.net.y_embedder.caption_llm
                 many = [f"{c}、{j}" for j in range(-(-args.text_captions // len(captions))) for c in captions]
                 start = time.perf_counter()  # the rate includes loading the LLM's weights, as a training start does
-                build_store(caption_llm, many[:args.text_captions], store_root, device, progress=False)
+                build_store(caption_llm, many[:args.text_captions], store_root, device, show_progress=False)
                 embed_rate[kind] = args.text_captions / (time.perf_counter() - start)
-                model.net.y_embedder.use_captions(captions, store_root, progress=False)
+                model.net.y_embedder.use_captions(captions, store_root, show_progress=False)
             steps[kind] = functools.partial(train_step, model, model, optimizer, x, ids, args.precision)
             benchmark.timed_calls(args.train_warmup, steps[kind])
         times = {kind: [] for kind in kinds}
@@ -263,8 +263,7 @@ def loader_benchmark(args, log):
             f"(images per CPU-second: what one dedicated worker core delivers):")
         for size in [int(v) for v in args.loader_sizes.split(",")]:
             out = os.path.join(tmp, f"shards{size}")
-            prepare_data.main(prepare_data.get_args_parser().parse_args(
-                ["--data_path", folder, "--out", out, "--img_size", str(size), "--num_workers", "0"]))
+            write_shards(image_folder(folder), folder, out, size)
             shards = ShardDataset(out)
             shard_bytes = sum(os.path.getsize(f) for f in shards.files) / len(shards)
             for kind, dataset, disk in (("jpeg", ImageSamples(samples, train_transform(size)), jpeg_bytes),
@@ -300,7 +299,7 @@ def activation_bytes(name, img_size, precision, compiled):
     (backend aot_eager_decomp_partition), which recomputes cheap operations in the backward instead of keeping their
     inputs."""
     with FakeTensorMode():
-        model = Denoiser(main_args_parser().parse_args(["--model", name, "--img_size", str(img_size)]))
+        model = Denoiser(training_args(model=name, img_size=img_size))
         if compiled:
             compile_network(model.net, backend="aot_eager_decomp_partition")
         two, three = (benchmark.saved_for_backward_bytes(model, n, img_size, precision) for n in (2, 3))
@@ -322,7 +321,7 @@ def memory_benchmark(args, log):
             raise SystemExit(f"--memory_models: unknown model {name!r} (known: {', '.join(sorted(JiT_models))})")
         size = 16 * JiT_models[name].keywords["patch_size"]  # the published 16 x 16 patches: 256 px for /16
         with torch.device("meta"):
-            model = Denoiser(main_args_parser().parse_args(["--model", name, "--img_size", str(size)]))
+            model = Denoiser(training_args(model=name, img_size=size))
         every = sum(p.numel() for p in model.parameters())
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         state = {"weights": 4 * every, "gradients": 4 * trained, "adamw": 8 * trained, "ema": 8 * every}

@@ -5,7 +5,6 @@ z_t = t x + (1 - t) e with e = noise_scale * N(0, I) and t = sigmoid(P_std * N(0
 x, the loss is measured on v = (x - z) / max(1 - t, t_eps). Random draws, in this order: label drop, t, e in
 training; the initial noise first in sampling.
 """
-import argparse
 import functools
 from contextlib import contextmanager
 
@@ -14,31 +13,29 @@ import torch.nn as nn
 
 from model_jit import JiT_models
 from text_conditioning import CaptionLLM, TextEmbedder, TextProjection
-from util.checkpoint import (PRETRAINED_MODEL_FIELDS, PRETRAINED_SAMPLER_FIELDS, load_pretrained,
-                             read_pretrained_config)
-
-
-def is_text_model(args):
-    return args.model.endswith("-Text") or getattr(args, "use_text_conditioning", False)
+from util.args import SAMPLING_METHODS, is_text_model, training_args
+from util.checkpoint import PRETRAINED_FIELDS, load_pretrained, read_pretrained_config
 
 
 class Denoiser(nn.Module):
-    def __init__(self, args):
+    def __init__(self, args, with_ema=True):
+        """args: main_jit.py's flags; with_ema False builds a Denoiser for sampling only, without the EMA tracks."""
         super().__init__()
         build = JiT_models[args.model]
-        text_encoder = y_embedder = None
-        if is_text_model(args):
+        text = is_text_model(args)
+        y_embedder = None
+        if text:
             # the LLM's tokenizer and config only: its frozen weights are loaded while captions are embedded
             caption_llm = CaptionLLM(args.llm_model_name, max_text_len=args.max_text_len,
-                                     conditioning=getattr(args, "text_conditioning", "pooled"))
-            text_encoder = TextProjection(caption_llm, build.keywords["hidden_size"], freeze=args.freeze_llm)
-            y_embedder = functools.partial(TextEmbedder, caption_llm, text_encoder)
+                                     conditioning=args.text_conditioning)
+            projection = TextProjection(caption_llm, build.keywords["hidden_size"], freeze=args.freeze_llm)
+            y_embedder = functools.partial(TextEmbedder, caption_llm, projection)
         self.net = build(input_size=args.img_size, in_channels=3, num_classes=args.class_num,
-                         attn_drop=args.attn_dropout, proj_drop=args.proj_dropout,
-                         attn_impl=getattr(args, "attn_impl", "sdpa"), y_embedder=y_embedder)
+                         attn_drop=args.attn_dropout, proj_drop=args.proj_dropout, attn_impl=args.attn_impl,
+                         y_embedder=y_embedder)
         self.img_size = args.img_size
         # the label of the unconditional branch: the extra class row, or caption index -1 for text models
-        self.null_label = -1 if text_encoder is not None else args.class_num
+        self.null_label = -1 if text else args.class_num
         self.label_drop_prob = args.label_drop_prob
         self.P_mean = args.P_mean
         self.P_std = args.P_std
@@ -52,24 +49,19 @@ class Denoiser(nn.Module):
 
         # EMA tracks are plain tensor lists aligned with self.parameters(): outside the state_dict (which holds
         # exactly the official keys) and outside DDP's buffer broadcast; _apply moves them with the model
-        self.ema_decays = (args.ema_decay1, args.ema_decay2)
+        self.ema_decays = (args.ema_decay1, args.ema_decay2) if with_ema else ()
         self.ema_params = [[p.detach().clone() for p in self.parameters()] for _ in self.ema_decays]
 
     @classmethod
     def from_pretrained(cls, folder, **overrides):
-        """The Denoiser of a folder written by export.py (config.json + model.safetensors), in eval mode.
-
-        overrides replace config fields or set build options, e.g. llm_model_name=<local copy of the LLM>,
-        attn_impl="fp32", cfg=3.0. Errors (missing file, wrong key or shape, another LLM) are one line naming the file.
-        """
+        """The sampling Denoiser (eval mode, no EMA tracks) of a folder written by export.py, with config fields or
+        attn_impl overridden, e.g. llm_model_name=<local copy of the LLM>, cfg=3.0; one-line errors naming the file."""
         config = read_pretrained_config(folder)
-        settings = {"attn_impl": "sdpa", "freeze_llm": True, "ema_decay1": 0.9999, "ema_decay2": 0.9996}
-        settings.update({name: config[name] for name in PRETRAINED_MODEL_FIELDS + PRETRAINED_SAMPLER_FIELDS})
-        unknown = sorted(set(overrides) - set(settings))
+        known = PRETRAINED_FIELDS + ("attn_impl",)
+        unknown = sorted(set(overrides) - set(known))
         if unknown:
-            raise TypeError(f"from_pretrained: unknown setting {unknown[0]!r} (known: {', '.join(sorted(settings))})")
-        settings.update(overrides)
-        model = cls(argparse.Namespace(**settings))
+            raise TypeError(f"from_pretrained: unknown setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        model = cls(training_args({name: config[name] for name in PRETRAINED_FIELDS}, **overrides), with_ema=False)
         load_pretrained(model, folder, config)
         return model.eval()
 
@@ -102,18 +94,18 @@ class Denoiser(nn.Module):
         return ((v - v_pred) ** 2).mean(dim=(1, 2, 3)).mean()
 
     # ------------------------------------------------------------------ sampling
-    # cfg, steps, interval (low, high) and method are per call; None means the model's configured value (--cfg,
-    # --num_sampling_steps, --interval_min/--interval_max, --sampling_method)
+    # cfg and steps may be given per call (an evaluation sweep, a benchmark's warm-up); None: --cfg,
+    # --num_sampling_steps
     def time_grid(self, steps=None, device=None):
         """The sampler's times: torch.linspace(0, 1, steps + 1) in float32, as the release builds them."""
         steps = self.num_sampling_steps if steps is None else steps
         return torch.linspace(0.0, 1.0, steps + 1, device=device)
 
-    def guidance_weights(self, grid, cfg=None, interval=None):
+    def guidance_weights(self, grid, cfg=None):
         """The guidance weight at each time of `grid`: cfg where low < t < high (low == 0 includes t = 0), else 1.
         Decided on the float32 grid with the release's expression: at 30, 60, 120 or 240 steps the point meant as
         0.1 is just above float32(0.1), so an interval starting at 0.1 guides there, as published."""
-        low, high = self.cfg_interval if interval is None else interval
+        low, high = self.cfg_interval
         cfg = self.cfg_scale if cfg is None else cfg
         guided = (grid < high) & ((low == 0) | (grid > low))
         return [cfg if g else 1.0 for g in guided.tolist()]
@@ -128,32 +120,32 @@ class Denoiser(nn.Module):
         v_cond, v_uncond = (x_cond - z) / denom, (x_uncond - z) / denom
         return v_uncond + w * (v_cond - v_uncond)
 
-    def step_methods(self, steps=None, method=None):
+    def step_methods(self, steps=None):
         """The method of each ODE step: --sampling_method, but the last step is always Euler, so the network is never
         queried at t = 1."""
         steps = self.num_sampling_steps if steps is None else steps
-        method = self.sampling_method if method is None else method
-        if method not in ("euler", "heun"):
-            raise ValueError(f"--sampling_method must be euler or heun, got {method!r}")
-        return [method] * (steps - 1) + ["euler"]
+        if self.sampling_method not in SAMPLING_METHODS:
+            raise ValueError(f"--sampling_method must be one of {', '.join(SAMPLING_METHODS)}, got "
+                             f"{self.sampling_method!r}")
+        return [self.sampling_method] * (steps - 1) + ["euler"]
 
-    def network_evaluations(self, cfg=None, steps=None, interval=None, method=None):
-        """Network evaluations per sample of generate() with these settings: one velocity per Euler step, two per
-        Heun step, each doubled by the null-label pass where the guidance weight is not 1."""
-        weights = self.guidance_weights(self.time_grid(steps, "cpu"), cfg, interval)  # a count: on any device
-        methods = self.step_methods(steps, method)
+    def network_evaluations(self):
+        """Network evaluations per sample of generate(): one velocity per Euler step, two per Heun step, each doubled
+        by the null-label pass where the guidance weight is not 1."""
+        weights = self.guidance_weights(self.time_grid(device="cpu"))  # a count: on any device
+        methods = self.step_methods()
         return sum(1 if w == 1.0 else 2 for i, m in enumerate(methods) for w in weights[i:i + (2 if m == "heun" else 1)])
 
     @torch.no_grad()
-    def generate(self, labels, cfg=None, steps=None, interval=None, method=None, on_step=None):
+    def generate(self, labels, cfg=None, steps=None, on_step=None):
         """Samples for labels (B,); on_step() is called after every ODE step (progress bars)."""
         bsz = labels.shape[0]
         z = self.noise_scale * torch.randn(bsz, 3, self.img_size, self.img_size, device=labels.device)
         grid = self.time_grid(steps, labels.device)
         # decided on the sampling device's grid, as the release does; a meta grid (FLOP counting) has no values
-        weights = self.guidance_weights(self.time_grid(steps, "cpu") if grid.is_meta else grid, cfg, interval)
+        weights = self.guidance_weights(self.time_grid(steps, "cpu") if grid.is_meta else grid, cfg)
         times = grid.view(-1, 1, 1, 1, 1).expand(-1, bsz, 1, 1, 1)
-        for i, m in enumerate(self.step_methods(steps, method)):
+        for i, m in enumerate(self.step_methods(steps)):
             args = (z, times[i], times[i + 1], weights[i], weights[i + 1], labels)
             z = self.heun_step(*args) if m == "heun" else self.euler_step(*args)
             if on_step is not None:

@@ -1,25 +1,24 @@
 """One training epoch and one evaluation (sampling + FID/IS) of a JiT Denoiser."""
 import datetime
+import json
 import os
 import time
 
 import torch
 import torch.distributed as dist
-from torchvision.utils import save_image
 
 import util.misc as misc
 from util import fid
+from util.args import is_text_model
+from util.images import png_name, save_grid, save_png, save_prompt_list, to_uint8
 from util.lr_sched import adjust_learning_rate
+
+EVALUATIONS = "evaluations.jsonl"  # in --output_dir: one JSON object per evaluation, appended
 
 
 def to_model_input(images_uint8, device):
     """uint8 (B, 3, H, W) from the loader -> float32 in [-1, 1] on the device (the loader ships bytes, not floats)."""
     return images_uint8.to(device, non_blocking=True).float().div_(255).mul_(2).sub_(1)
-
-
-def to_uint8(images):
-    """[-1, 1] float images -> uint8, clip((x + 1) / 2 * 255) rounded, as the release saves its PNGs."""
-    return ((images.float() + 1) / 2 * 255).clamp_(0, 255).round_().to(torch.uint8)
 
 
 def check_finite(first_bad_step, epoch):
@@ -148,7 +147,7 @@ def generate_uint8(model_without_ddp, labels, device, args, on_batch, desc="samp
     model_without_ddp.eval()
     batches = labels.split(args.gen_bsz)
     steps = model_without_ddp.num_sampling_steps
-    with misc.progress(total=len(batches) * steps, desc=f"{desc} ({len(batches)} x {steps} steps)", unit="step",
+    with misc.progress_bar(total=len(batches) * steps, desc=f"{desc} ({len(batches)} x {steps} steps)", unit="step",
               disable=not misc.is_main_process()) as bar:
         for batch_labels in batches:
             with misc.autocast(device, args.precision):
@@ -165,45 +164,41 @@ def gather_to_main(tensor):
     return torch.cat(parts) if misc.is_main_process() else None
 
 
-def png_name(index, label, prompt_index=None):
-    """File name of generated image `index`: by class, or for -Text models by its line in the prompt list."""
-    return f"{index:06d}_class{label}.png" if prompt_index is None else f"{index:06d}_prompt{prompt_index}.png"
+def append_evaluation(output_dir, record):
+    """One evaluation's results as a line of <output_dir>/evaluations.jsonl (what demos and scripts read)."""
+    with open(os.path.join(output_dir, EVALUATIONS), "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def save_prompt_list(folder, names, prompts):
-    """`<folder>/prompts.txt`: `<png name>: <prompt>`, one line per image of a folder of -Text samples."""
-    with open(os.path.join(folder, "prompts.txt"), "w", encoding="utf-8") as f:
-        f.writelines(f"{name}: {prompt}\n" for name, prompt in zip(names, prompts))
-
-
-def save_grid(images, path, captions=None, nrow=8):
-    """nrow-column PNG grid of uint8 images; for -Text models also `<path>.txt` with the prompt of every cell."""
-    save_image(images.float() / 255, path, nrow=nrow)
-    if captions is not None:
-        with open(os.path.splitext(path)[0] + ".txt", "w", encoding="utf-8") as f:
-            f.writelines(f"row {i // nrow} col {i % nrow}: {caption}\n" for i, caption in enumerate(captions))
+def read_evaluations(output_dir):
+    """The records of <output_dir>/evaluations.jsonl, oldest first ([] when the run evaluated nothing)."""
+    path = os.path.join(output_dir, EVALUATIONS)
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def evaluate(model_without_ddp, args, epoch, log_writer, device, inception, ref_stats, label_ids, cfg=None,
              ema_track=None):
-    """Generate num_images samples cycling through label_ids with an EMA track; FID against ref_stats (the loaded
-    --fid_stats) and IS on rank 0. With --save_png, image n is <n>_class<label>.png, or for -Text models
-    <n>_prompt<n % len(label_ids)>.png listed with its prompt in the folder's prompts.txt."""
+    """FID (against ref_stats) and IS of num_images samples cycling through label_ids, with an EMA track; on rank 0
+    printed, logged to TensorBoard and appended to evaluations.jsonl. --save_png writes the images (README)."""
     cfg = args.cfg if cfg is None else cfg
     ema_track = args.eval_ema if ema_track is None else ema_track
     rank, world_size = misc.get_rank(), misc.get_world_size()
     labels = eval_labels(args.num_images, label_ids, rank, world_size)
-    captions = getattr(model_without_ddp.net.y_embedder, "captions", None)  # None for class models
+    text = is_text_model(args)
+    captions = model_without_ddp.net.y_embedder.captions if text else None
     tag = f"epoch{epoch}_cfg{cfg:g}_ema{ema_track}"
     png_dir = os.path.join(args.output_dir, f"images_{tag}") if args.save_png else None
     if png_dir:
         os.makedirs(png_dir, exist_ok=True)
-        if captions is not None and misc.is_main_process():
+        if text and misc.is_main_process():
             prompt_indices = [n % len(label_ids) for n in range(args.num_images)]
-            save_prompt_list(png_dir, [png_name(n, None, k) for n, k in enumerate(prompt_indices)],
+            save_prompt_list(png_dir, [png_name(n, k, text) for n, k in enumerate(prompt_indices)],
                              [captions[label_ids[k]] for k in prompt_indices])
     pool_features, logits, grid, grid_labels = [], [], [], []
-    saved = [0]
+    done = [0]  # images this rank has generated so far
 
     def on_batch(images, batch_labels):
         pool, batch_logits = fid.inception_features(inception, images)
@@ -216,10 +211,9 @@ def evaluate(model_without_ddp, args, epoch, log_writer, device, inception, ref_
             grid_labels.extend(batch_labels[:room].tolist())
         if png_dir:
             for image, label in zip(images, batch_labels.tolist()):
-                index = rank + world_size * saved[0]  # the index of this image in the global label list
-                prompt_index = index % len(label_ids) if captions is not None else None
-                save_image(image.float() / 255, os.path.join(png_dir, png_name(index, label, prompt_index)))
-                saved[0] += 1
+                index = rank + world_size * done[0]  # the index of this image in the global label list
+                save_png(image, os.path.join(png_dir, png_name(index, index % len(label_ids) if text else label, text)))
+                done[0] += 1
 
     with model_without_ddp.ema_weights(ema_track):
         generate_uint8(model_without_ddp, labels, device, args, on_batch, desc=f"eval {tag}", cfg=cfg)
@@ -229,9 +223,11 @@ def evaluate(model_without_ddp, args, epoch, log_writer, device, inception, ref_
     if not misc.is_main_process():
         return None
     grid_path = os.path.join(args.output_dir, f"samples_{tag}.png")
-    save_grid(torch.cat(grid), grid_path, [captions[i] for i in grid_labels] if captions else None)
+    save_grid(torch.cat(grid), grid_path, [captions[i] for i in grid_labels] if text else None)
     metrics = fid.compute_metrics(pool_features, logits, ref_stats, inception.source)
     print(f"[{tag}] {fid.format_metrics(metrics, len(pool_features), grid_path)}")
+    append_evaluation(args.output_dir, {"epoch": epoch, "cfg": cfg, "ema": ema_track, "num_images": len(pool_features),
+                                        **metrics, "grid": grid_path, "images": png_dir})
     if log_writer is not None:
         log_writer.add_scalar(f"fid_cfg{cfg:g}_ema{ema_track}", metrics["fid"], epoch)
         if metrics["inception_score"] is not None:

@@ -14,18 +14,13 @@ import os
 
 import torch
 
-from denoiser import Denoiser, is_text_model
-from main_jit import get_args_parser as main_parser
+from denoiser import Denoiser
 from model_jit import JiT_models
-from util.checkpoint import (check_state_dict, pretrained_config, read_checkpoint, resolve_checkpoint_path,
-                             save_pretrained, weights_description, with_saved_args)
+from util.args import SAMPLER_FIELDS, add_sampler_flags, given_flags, is_text_model, training_args
+from util.checkpoint import (check_state_dict, pretrained_config, read_model_source, save_pretrained,
+                             weights_description)
 
-OVERRIDES = ("model", "img_size", "class_num", "cfg", "interval_min", "interval_max", "num_sampling_steps",
-             "sampling_method")
-
-
-def fail(message):
-    raise SystemExit(f"export.py: error: {message}")
+MODEL_FLAGS = ("model", "img_size", "class_num")
 
 
 def get_args_parser():
@@ -35,12 +30,7 @@ def get_args_parser():
     parser.add_argument("--ema", type=int, choices=[0, 1, 2], default=None,
                         help="weights: EMA track 1 or 2, or 0 for the live weights (default: the checkpoint's "
                              "--eval_ema, else 1)")
-    sampler = parser.add_argument_group("sampler defaults written to config.json (default: the checkpoint's)")
-    sampler.add_argument("--cfg", type=float, default=None)
-    sampler.add_argument("--interval_min", type=float, default=None)
-    sampler.add_argument("--interval_max", type=float, default=None)
-    sampler.add_argument("--num_sampling_steps", type=int, default=None)
-    sampler.add_argument("--sampling_method", choices=["euler", "heun"], default=None)
+    add_sampler_flags(parser.add_argument_group("sampler defaults written to config.json (default: the checkpoint's)"))
     model = parser.add_argument_group("model (only for checkpoints without saved args)")
     model.add_argument("--model", default=None)
     model.add_argument("--img_size", type=int, default=None)
@@ -48,46 +38,27 @@ def get_args_parser():
     return parser
 
 
-def training_args(saved, cli):
-    """main_jit.py's defaults, updated with the checkpoint's saved args, then with the flags given here."""
-    args = with_saved_args(main_parser().parse_args([]), saved)
-    for key in OVERRIDES:
-        if getattr(cli, key) is not None:
-            setattr(args, key, getattr(cli, key))
-    return args
-
-
-def main(argv=None):
-    cli = get_args_parser().parse_args(argv)
-    try:
-        path = resolve_checkpoint_path(cli.checkpoint, "--checkpoint", required=True)
-    except FileNotFoundError as e:
-        fail(str(e))
-    try:
-        checkpoint = read_checkpoint(path)
-    except Exception as e:  # noqa: BLE001 - anything that is not a torch checkpoint
-        fail(f"{path}: cannot read the checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
-        fail(f"{path}: not a JiT checkpoint (no 'model' entry)")
-    saved = checkpoint.get("args")
-    if saved is None and (cli.model is None or cli.img_size is None or cli.class_num is None):
-        fail(f"{path} has no saved 'args': give --model, --img_size and --class_num")
-    args = training_args(saved, cli)
+def export(cli):
+    """Write the chosen weight set of --checkpoint and its config.json into --out; ValueError for bad input."""
+    path, saved_args, checkpoint, config = read_model_source(cli.checkpoint)
+    if config is not None:
+        raise ValueError(f"--checkpoint {path}: already an exported model folder (config.json + model.safetensors); "
+                         f"export.py reads a checkpoint .pth or a folder holding checkpoint-last.pth")
+    if saved_args is None and any(getattr(cli, flag) is None for flag in MODEL_FLAGS):
+        raise ValueError(f"{path} has no saved 'args': give --model, --img_size and --class_num")
+    args = training_args(saved_args, **given_flags(cli, MODEL_FLAGS + SAMPLER_FIELDS))
     if args.model not in JiT_models:
-        fail(f"--model {args.model}: unknown model config")
-    ema = cli.ema if cli.ema is not None else getattr(args, "eval_ema", 1)
+        raise ValueError(f"--model {args.model}: unknown model config")
+    ema = cli.ema if cli.ema is not None else args.eval_ema
     entry = "model" if ema == 0 else f"model_ema{ema}"
     if entry not in checkpoint:
-        fail(f"{path} has no '{entry}' entry; export the live weights with --ema 0")
+        raise ValueError(f"{path} has no '{entry}' entry; export the live weights with --ema 0")
     state = checkpoint[entry]
     text = is_text_model(args)
     if not text:  # a -Text network needs its LLM to be built; sample.py / from_pretrained check it on loading
         with torch.device("meta"):
-            expected = Denoiser(args).state_dict()
-        try:
-            check_state_dict(expected, state, f"{path} [{entry}]")
-        except ValueError as e:
-            fail(str(e))
+            expected = Denoiser(args, with_ema=False).state_dict()
+        check_state_dict(expected, state, f"{path} [{entry}]")
     config = pretrained_config(args, text, checkpoint.get("text_encoder"), ema, checkpoint.get("epoch"), path)
     save_pretrained(cli.out, state, config)
     decay = "" if ema == 0 else f" (decay {config['weights']['ema_decay']:g})"
@@ -95,6 +66,13 @@ def main(argv=None):
     print(f"exported {args.model} @ {args.img_size}px, {weights_description(ema)}{decay} of {path} "
           f"(epoch {checkpoint.get('epoch')}) to {cli.out}/model.safetensors ({len(state)} tensors, "
           f"{size / 2 ** 20:.1f} MiB) + config.json")
+
+
+def main(argv=None):
+    try:
+        export(get_args_parser().parse_args(argv))
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"export.py: error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -267,12 +267,6 @@ class JiT(nn.Module):
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
 
-    def set_attn_impl(self, attn_impl):
-        if attn_impl not in ATTN_IMPLS:
-            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
-        for block in self.blocks:
-            block.attn.attn_impl = attn_impl
-
     def unpatchify(self, x):
         """(B, g*g, p*p*C) -> (B, C, g*p, g*p)."""
         g, p, c = self.grid_size, self.patch_size, self.out_channels

@@ -19,11 +19,11 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
 from util import fid
-from util.misc import default_device, progress, resolve_device
 from util.crop import center_crop_arr
 from util.data import IMAGE_EXTENSIONS, load_sample
-from util.hf_data import HFImages, is_hf_source
-from util.shards import ShardDataset, is_shard_folder
+from util.datasets import CAPTIONED, HUGGING_FACE, IMAGE_FOLDER, SHARDS, data_kind, open_shards
+from util.hf_data import HFImages
+from util.misc import default_device, progress_bar, resolve_device
 
 
 def get_args_parser():
@@ -50,13 +50,10 @@ def get_args_parser():
 
 
 def image_root(data_path):
-    """The folder main_jit.py trains from: data_path/train (ImageFolder), data_path/images (a captioned data set:
-    images/ + captions/), else data_path itself."""
-    if os.path.isdir(os.path.join(data_path, "train")):
-        return os.path.join(data_path, "train")
-    if os.path.isdir(os.path.join(data_path, "images")) and os.path.isdir(os.path.join(data_path, "captions")):
-        return os.path.join(data_path, "images")
-    return data_path
+    """The folder of the images main_jit.py trains on (images/ of a captioned data set, train/ of an ImageFolder),
+    else data_path itself."""
+    folder = {CAPTIONED: "images", IMAGE_FOLDER: "train"}.get(data_kind(data_path))
+    return os.path.join(data_path, folder) if folder else data_path
 
 
 def find_images(data_path, max_images=None):
@@ -116,9 +113,9 @@ class ShardImages(Dataset):
 def shard_images(args):
     """ShardImages of --data_path, checked against --img_size, with the --max_images subset."""
     try:
-        shards = ShardDataset(args.data_path, args.img_size)
+        shards = open_shards(args.data_path, args.img_size)
     except ValueError as e:
-        raise SystemExit(f"prepare_ref.py: error: --data_path {e}")
+        raise SystemExit(f"prepare_ref.py: error: {e}")
     indices = list(range(len(shards)))
     if args.max_images is not None and args.max_images < len(indices):
         indices = sorted(random.Random(0).sample(indices, args.max_images))
@@ -140,10 +137,11 @@ def main(args):
     if not args.png_dir and not args.stats_out:
         raise SystemExit("prepare_ref.py: error: nothing to do, give --stats_out and/or --png_dir")
     device = resolve_device(args.device)  # one line for a device this machine lacks, before any image is read
-    if is_shard_folder(args.data_path):
+    kind = data_kind(args.data_path)
+    if kind == SHARDS:
         images = shard_images(args)
         print(f"{len(images)} pre-cropped {args.img_size} px images from the shards in {args.data_path}")
-    elif is_hf_source(args.data_path):
+    elif kind == HUGGING_FACE:
         images = row_images(args)
         print(f"{len(images)} images from {args.data_path} split {args.hf_split}, center crop {args.img_size}")
     else:
@@ -154,7 +152,7 @@ def main(args):
         os.makedirs(args.png_dir, exist_ok=True)
     loader = DataLoader(images, batch_size=args.batch_size, num_workers=args.num_workers)
     if not args.stats_out:
-        for _ in progress(loader, total=len(loader), unit="batch", desc="PNG"):
+        for _ in progress_bar(loader, total=len(loader), unit="batch", desc="PNG"):
             pass
         print(f"wrote {len(images)} PNGs to {args.png_dir}")
         return
@@ -165,7 +163,7 @@ def main(args):
         raise SystemExit(f"prepare_ref.py: error: {e}")
     print(f"Inception weights: {net.source}")
     running = fid.RunningStats()
-    with progress(total=len(images), unit="img", desc="Inception") as bar:
+    with progress_bar(total=len(images), unit="img", desc="Inception") as bar:
         for batch in loader:
             pool, _ = fid.inception_features(net, batch, args.batch_size)
             running.update(pool)

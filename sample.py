@@ -16,17 +16,20 @@ import os
 
 import torch
 
+import util.misc as misc
+from denoiser import Denoiser
+from engine_jit import generate_uint8
+from util.args import SAMPLER_FIELDS, add_sampler_flags, given_flags, is_text_model, training_args
+from util.checkpoint import load_weights, read_model_source, weight_set_entry, weights_description
+from util.data import read_prompts
+from util.images import png_name, save_grid, save_png, save_prompt_list
+
 # the ImageNet classes of the DiT/JiT sample figures, used as the default for 1000-class models
 IMAGENET_SHOWCASE = [207, 360, 387, 974, 88, 979, 417, 279]
-SAMPLER_FLAGS = ("cfg", "interval_min", "interval_max", "num_sampling_steps", "sampling_method")
 # -Text checkpoints sampled without --cfg: the README's text evaluation guidance (CFG 3.0 on t > 0.1), since a -Text
 # training run saves main_jit's unguided default cfg 1.0, which draws prompts only faintly
 TEXT_CFG, TEXT_INTERVAL_MIN = 3.0, 0.1
 MODEL_FLAGS = ("model", "img_size", "class_num", "llm_model_name", "max_text_len")
-
-
-def fail(message):
-    raise SystemExit(f"sample.py: error: {message}")
 
 
 def get_args_parser():
@@ -49,11 +52,7 @@ def get_args_parser():
     sampler.add_argument("--ema", type=int, choices=[0, 1, 2], default=None,
                          help="weights: 1 or 2 = EMA track, 0 = live (trained) weights "
                               "(default: the checkpoint's --eval_ema, else 1; an exported folder has one weight set)")
-    sampler.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
-    sampler.add_argument("--interval_min", type=float, default=None, help="CFG applies for interval_min < t ...")
-    sampler.add_argument("--interval_max", type=float, default=None, help="... and t < interval_max")
-    sampler.add_argument("--num_sampling_steps", type=int, default=None)
-    sampler.add_argument("--sampling_method", choices=["euler", "heun"], default=None)
+    add_sampler_flags(sampler)
     sampler.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                          help="autocast dtype of this machine (not the checkpoint's): auto = bf16 unless the CPU "
                               "lacks native bf16")
@@ -76,29 +75,17 @@ def get_args_parser():
     return parser
 
 
-def model_args(saved, cli):
-    """main_jit.py's defaults, updated with the checkpoint's saved args, then with the flags given here."""
-    from main_jit import get_args_parser as main_parser
-    from util.checkpoint import with_saved_args
-
-    args = with_saved_args(main_parser().parse_args([]), saved)
-    for key in MODEL_FLAGS + SAMPLER_FLAGS + ("gen_bsz", "text_cache_dir"):
-        if getattr(cli, key) is not None:
-            setattr(args, key, getattr(cli, key))
-    return args
-
-
 def parse_classes(text, class_num):
     try:
         classes = [int(c) for c in text.split(",") if c.strip()]
     except ValueError:
-        fail(f"--classes {text}: expected comma-separated class indices, e.g. 0,1,2")
+        raise ValueError(f"--classes {text}: expected comma-separated class indices, e.g. 0,1,2") from None
     if not classes:
-        fail(f"--classes {text}: no class index given")
+        raise ValueError(f"--classes {text}: no class index given")
     bad = [c for c in classes if not 0 <= c < class_num]
     if bad:
-        fail(f"--classes {text}: class index {bad[0]} is out of range; this checkpoint has class_num {class_num} "
-             f"(valid classes 0..{class_num - 1})")
+        raise ValueError(f"--classes {text}: class index {bad[0]} is out of range; this checkpoint has class_num "
+                         f"{class_num} (valid classes 0..{class_num - 1})")
     return classes
 
 
@@ -112,18 +99,55 @@ def default_classes(class_num):
 
 def cli_prompts(cli):
     """--prompts, then the lines of --prompts_file."""
-    from util.data import read_prompts
-
-    prompts = list(cli.prompts or [])
-    if cli.prompts_file:
-        try:
-            prompts += read_prompts(cli.prompts_file)
-        except ValueError as e:
-            fail(str(e))
+    prompts = list(cli.prompts or []) + (read_prompts(cli.prompts_file) if cli.prompts_file else [])
     prompts = [p.strip() for p in prompts]
     if any(not p for p in prompts) or not prompts:
-        fail("empty prompt: give non-empty captions with --prompts or --prompts_file")
+        raise ValueError("empty prompt: give non-empty captions with --prompts or --prompts_file")
     return prompts
+
+
+def load_model(cli, device):
+    """(sampling Denoiser on `device` with the chosen weights, its settings, where it is from, which weights): built
+    from the checkpoint's saved args or the export's config, overridden by the flags given here."""
+    path, saved_args, checkpoint, config = read_model_source(cli.checkpoint)
+    if config is not None and cli.ema is not None:
+        raise ValueError(f"--ema {cli.ema}: {path} is an exported model holding one weight set (the "
+                         f"{weights_description(config['weights']['ema_track'])} of its checkpoint); --ema chooses "
+                         f"among the weights of a .pth checkpoint")
+    missing = [f"--{flag}" for flag in ("model", "img_size", "class_num") if getattr(cli, flag) is None]
+    if saved_args is None and missing:
+        raise ValueError(f"{path} has no saved 'args' (an official checkpoint?): give {', '.join(missing)}")
+    args = training_args(saved_args, **given_flags(cli, MODEL_FLAGS + SAMPLER_FIELDS + ("gen_bsz", "text_cache_dir")))
+    text = is_text_model(args)
+    if text and cli.classes is not None:
+        raise ValueError(f"{path} is a text-to-image model ({args.model}): give --prompts or --prompts_file, not "
+                         f"--classes")
+    if not text and (cli.prompts or cli.prompts_file):
+        raise ValueError(f"{path} is a class-conditional model ({args.model}, class_num {args.class_num}): --prompts "
+                         f"and --prompts_file need a -Text checkpoint; use --classes")
+    if text and cli.cfg is None and args.cfg == 1.0:
+        args.cfg = TEXT_CFG
+        args.interval_min = TEXT_INTERVAL_MIN if cli.interval_min is None else args.interval_min
+        print(f"-Text checkpoint, no --cfg: CFG {args.cfg:g} for t in ({args.interval_min:g}, {args.interval_max:g}), "
+              f"the README's text evaluation guidance (--cfg 1 for unguided samples)")
+    try:
+        if config is not None:
+            model = Denoiser.from_pretrained(path, **given_flags(cli, MODEL_FLAGS),
+                                             **{name: getattr(args, name) for name in SAMPLER_FIELDS})
+        else:
+            model = Denoiser(args, with_ema=False)
+    except (ValueError, OSError, KeyError) as e:
+        hint = f" (LLM {args.llm_model_name}: set --llm_model_name to a local folder)" if text else ""
+        raise ValueError(f"cannot build {args.model} at img_size {args.img_size}{hint}: "
+                         f"{str(e).splitlines()[0]}") from None
+    if config is not None:
+        weights = f"exported {weights_description(config['weights']['ema_track'])}"
+    else:
+        ema = cli.ema if cli.ema is not None else args.eval_ema
+        entry = weight_set_entry(checkpoint, ema)
+        load_weights(model, checkpoint[entry], f"{path} [{entry}]", checkpoint.get("text_encoder"), path)
+        weights = "live weights" if ema == 0 else f"EMA track {ema} (decay {getattr(args, f'ema_decay{ema}'):g})"
+    return model.to(device).eval(), args, f"{args.model} @ {args.img_size}px from {path}", weights
 
 
 def main(argv=None):
@@ -131,86 +155,25 @@ def main(argv=None):
     for name in ("per_class", "num_images", "gen_bsz", "num_sampling_steps", "nrow"):
         value = getattr(cli, name)
         if value is not None and value < 1:
-            fail(f"--{name} must be at least 1, got {value}")
-
-    import util.misc as misc
-    from denoiser import Denoiser, is_text_model
-    from engine_jit import generate_uint8, save_grid, save_prompt_list
-    from util.checkpoint import (is_pretrained_folder, load_checkpoint, load_pretrained, read_checkpoint,
-                                 read_pretrained_config, resolve_checkpoint_path, weights_description)
-
-    exported = is_pretrained_folder(cli.checkpoint)  # a folder of export.py: config.json + model.safetensors
-    if exported:
-        path = cli.checkpoint
-        try:
-            config = read_pretrained_config(path)
-        except (FileNotFoundError, ValueError) as e:
-            fail(str(e))
-        if cli.ema is not None:
-            fail(f"--ema {cli.ema}: {path} is an exported model holding one weight set (the "
-                 f"{weights_description(config['weights']['ema_track'])} of its checkpoint); --ema chooses among the "
-                 f"weights of a .pth checkpoint")
-        saved = config
-    else:
-        try:
-            path = resolve_checkpoint_path(cli.checkpoint, "--checkpoint", required=True)
-        except FileNotFoundError as e:
-            fail(str(e))
-        try:
-            checkpoint = read_checkpoint(path)  # once: its args here, its weights below
-        except Exception as e:  # a file that is not a torch checkpoint
-            fail(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})")
-        if not isinstance(checkpoint, dict) or "model" not in checkpoint:
-            fail(f"{path}: not a JiT checkpoint (no 'model' entry)")
-        saved = checkpoint.get("args")
-        missing = [f"--{flag}" for flag in ("model", "img_size", "class_num") if getattr(cli, flag) is None]
-        if saved is None and missing:
-            fail(f"{path} has no saved 'args' (an official checkpoint?): give {', '.join(missing)}")
-    args = model_args(saved, cli)
-    text = is_text_model(args)
-    if text and cli.classes is not None:
-        fail(f"{path} is a text-to-image model ({args.model}): give --prompts or --prompts_file, not --classes")
-    if not text and (cli.prompts or cli.prompts_file):
-        fail(f"{path} is a class-conditional model ({args.model}, class_num {args.class_num}): --prompts and "
-             f"--prompts_file need a -Text checkpoint; use --classes")
-    if text and cli.cfg is None and args.cfg == 1.0:
-        args.cfg = TEXT_CFG
-        args.interval_min = TEXT_INTERVAL_MIN if cli.interval_min is None else args.interval_min
-        print(f"-Text checkpoint, no --cfg: CFG {args.cfg:g} for t in ({args.interval_min:g}, {args.interval_max:g}), "
-              f"the README's text evaluation guidance (--cfg 1 for unguided samples)")
-    if exported:
-        ema = 0  # the export's one weight set is the network's own
-    else:
-        ema = cli.ema if cli.ema is not None else getattr(saved, "eval_ema", 1) if saved is not None else 1
+            raise SystemExit(f"sample.py: error: --{name} must be at least 1, got {value}")
     device = misc.resolve_device(cli.device)
-    args.precision = misc.resolve_precision(cli.precision, device)
+    precision = misc.resolve_precision(cli.precision, device)
     misc.keep_freed_cpu_memory(device)
-
     try:
-        model = Denoiser(args)
-    except (ValueError, OSError, KeyError) as e:
-        hint = f" (LLM {args.llm_model_name}: set --llm_model_name to a local folder)" if text else ""
-        fail(f"cannot build {args.model} at img_size {args.img_size}{hint}: {str(e).splitlines()[0]}")
-    try:
-        load_pretrained(model, path, config) if exported else load_checkpoint(model, path, checkpoint)
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
-    if not exported:
-        del checkpoint  # its weights are in the model now
-    model.to(device)
-
-    if text:
-        targets = cli_prompts(cli)
-        embedder = model.net.y_embedder
-        try:  # the training captions' store: a prompt seen in training gets the very rows training read; the LLM's
+        model, args, source, weights = load_model(cli, device)
+        text = is_text_model(args)
+        if text:
+            targets = cli_prompts(cli)
+            # the training captions' store: a prompt seen in training gets the very rows training read; the LLM's
             # weights are loaded only if a prompt is new to it, and released before sampling
-            embedder.use_captions(targets, args.text_cache_dir)
-        except ValueError as e:
-            fail(str(e))
-        ids = list(range(len(targets)))
-    else:
-        ids = parse_classes(cli.classes, args.class_num) if cli.classes is not None else default_classes(args.class_num)
-        targets = ids
+            model.net.y_embedder.use_captions(targets, args.text_cache_dir)
+            ids = list(range(len(targets)))
+        else:
+            ids = default_classes(args.class_num) if cli.classes is None else parse_classes(cli.classes, args.class_num)
+            targets = ids
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"sample.py: error: {e}") from None
+    args.precision = precision
     if cli.num_images is not None:
         labels = [ids[i % len(ids)] for i in range(cli.num_images)]
         nrow = cli.nrow or (len(ids) if len(ids) <= 16 else 8)
@@ -220,15 +183,10 @@ def main(argv=None):
         nrow = cli.nrow or per_class
 
     misc.seed_everything(cli.seed)
-    weights = "live weights" if ema == 0 else f"EMA track {ema} (decay {model.ema_decays[ema - 1]:g})"
-    if exported:
-        weights = f"exported {weights_description(config['weights']['ema_track'])}"
-    print(f"{args.model} @ {args.img_size}px from {path}: {len(labels)} images, {weights}, {args.sampling_method} "
-          f"{args.num_sampling_steps} steps, cfg {args.cfg:g} on ({args.interval_min:g}, {args.interval_max:g}), "
-          f"{args.precision} on {device}", flush=True)
+    print(f"{source}: {len(labels)} images, {weights}, {args.sampling_method} {args.num_sampling_steps} steps, cfg "
+          f"{args.cfg:g} on ({args.interval_min:g}, {args.interval_max:g}), {args.precision} on {device}", flush=True)
     chunks = []
-    with (model.ema_weights(ema) if ema else torch.no_grad()):
-        generate_uint8(model, torch.tensor(labels), device, args, lambda images, _: chunks.append(images))
+    generate_uint8(model, torch.tensor(labels), device, args, lambda images, _: chunks.append(images))
     images = torch.cat(chunks)
 
     captions = [targets[i] for i in labels] if text else None
@@ -237,14 +195,10 @@ def main(argv=None):
         save_grid(images, cli.out, captions, nrow=nrow)
         print(f"wrote a {len(images)}-image grid ({nrow} columns) to {cli.out}")
         return
-    from torchvision.utils import save_image
-
     os.makedirs(cli.out, exist_ok=True)
-    names = []
-    for n, (image, label) in enumerate(zip(images, labels)):
-        name = f"{n:04d}_prompt{label}.png" if text else f"{n:04d}_class{label}.png"
-        save_image(image.float() / 255, os.path.join(cli.out, name))
-        names.append(name)
+    names = [png_name(n, label, text, digits=4) for n, label in enumerate(labels)]
+    for image, name in zip(images, names):
+        save_png(image, os.path.join(cli.out, name))
     if text:
         save_prompt_list(cli.out, names, [targets[label] for label in labels])
     print(f"wrote {len(images)} PNGs to {cli.out}")

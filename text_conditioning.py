@@ -177,7 +177,8 @@ class TextProjection(nn.Module):
         super().__init__()
         self.freeze = bool(freeze)
         if not self.freeze:
-            self.llm = caption_llm.load_trainable()  # loaded before the projection's init draws, as it always was
+            # before the projection's init draws: the initial weights of a seed depend on the order
+            self.llm = caption_llm.load_trainable()
         self.proj = nn.Linear(caption_llm.hidden_size, hidden_size)
         nn.init.xavier_uniform_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
@@ -230,18 +231,18 @@ class TextEmbedder(nn.Module):
         """Captions the indices refer to; with a frozen LLM also the CaptionStore that holds their features."""
         if self.encoder.freeze:
             if store is None:
-                raise ValueError("a frozen text encoder reads caption features from a caption store (util/text_store)")
+                raise ValueError("a frozen LLM's caption features are read from a caption store (util/text_store)")
             self._locations = store.locate(captions)
             self.store = store
         self.captions = list(captions)
 
-    def use_captions(self, captions, cache_dir=None, progress=True):
+    def use_captions(self, captions, cache_dir=None, show_progress=True):
         """Captions the indices refer to, with a frozen LLM read from the caption store under cache_dir (default
         util/text_store.default_root()), the missing ones embedded first on the embedder's device (split across the
         ranks; the LLM's weights are released after). The one set-up of training, sample.py and bench.py; a store of
         another LLM, or features out of float16 range, is a ValueError naming its folder."""
         store = (build_store(self.caption_llm, captions, cache_dir, device=self.null_embedding.device,
-                             progress=progress) if self.encoder.freeze else None)
+                             show_progress=show_progress) if self.encoder.freeze else None)
         self.set_captions(captions, store)
 
     def caption_features(self, caption_ids):

@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from main_jit import get_args_parser  # noqa: E402
+from util.args import get_args_parser  # noqa: E402
 
 TINY = ["--model", "JiT-T/4", "--img_size", "32", "--class_num", "10", "--device", "cpu", "--precision", "fp32"]
 

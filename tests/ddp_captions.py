@@ -18,7 +18,8 @@ from transformers import AutoModel  # noqa: E402
 sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
 import util.misc as misc  # noqa: E402
 from denoiser import Denoiser  # noqa: E402
-from main_jit import get_args_parser, setup_captions  # noqa: E402
+from util.args import get_args_parser  # noqa: E402
+from util.datasets import setup_captions  # noqa: E402
 
 llm_path, store_root, captions_file, out = sys.argv[1:5]
 loads, alive = [], []

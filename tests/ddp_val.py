@@ -9,7 +9,7 @@ import torch.distributed as dist
 sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
 import util.misc as misc  # noqa: E402
 from engine_jit import validation_loss  # noqa: E402
-from main_jit import build_dataset, build_val_loader  # noqa: E402
+from util.datasets import build_dataset, build_val_loader  # noqa: E402
 from test_validation import parse, tiny_model  # noqa: E402
 
 args = parse("--data_path", sys.argv[1], "--batch_size", 2)

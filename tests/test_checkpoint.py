@@ -51,7 +51,8 @@ def test_roundtrip_is_bit_exact(make_args, perturb, tmp_path):
     torch.manual_seed(99)
     fresh = Denoiser(args)  # another initialisation
     assert not torch.equal(fresh.state_dict()[key], den.state_dict()[key])
-    checkpoint = load_checkpoint(fresh, path)
+    checkpoint = read_checkpoint(path)
+    load_checkpoint(fresh, path, checkpoint)
     assert checkpoint["epoch"] == 7
     assert isinstance(checkpoint["args"], argparse.Namespace) and checkpoint["args"] == args
     assert list(fresh.state_dict()) == list(den.state_dict())
@@ -133,7 +134,7 @@ def test_checkpoint_without_ema_initialises_both_tracks_from_weights(make_args, 
     path = tmp_path / "bare.pth"
     torch.save({"model": den.state_dict()}, path)
     fresh = Denoiser(args)
-    load_checkpoint(fresh, str(path))
+    load_checkpoint(fresh, str(path), read_checkpoint(str(path)))
     for track in (1, 2):
         for k, v in fresh.ema_state_dict(track).items():
             assert torch.equal(v, den.state_dict()[k]), (track, k)
@@ -152,7 +153,7 @@ def test_other_img_size_is_refused_naming_key_and_shapes(make_args, saved_tiny):
     den = Denoiser(make_args("--img_size", "8"))
     before = {k: v.clone() for k, v in den.state_dict().items()}
     with pytest.raises(ValueError) as info:
-        load_checkpoint(den, saved_tiny)
+        load_checkpoint(den, saved_tiny, read_checkpoint(saved_tiny))
     msg = str(info.value)
     assert "net.pos_embed" in msg and "(1, 16, 192)" in msg and "(1, 4, 192)" in msg
     assert msg.index("(1, 16, 192)") < msg.index("(1, 4, 192)")  # the checkpoint's shape, then the model's
@@ -165,14 +166,14 @@ def test_other_class_count_is_refused(make_args, saved_tiny):
     den = Denoiser(make_args("--img_size", "16", "--class_num", "5"))
     with pytest.raises(ValueError, match=re.escape("net.y_embedder.embedding_table.weight") + r".*"
                        + re.escape("(11, 192)") + r".*" + re.escape("(6, 192)")):
-        load_checkpoint(den, saved_tiny)
+        load_checkpoint(den, saved_tiny, read_checkpoint(saved_tiny))
 
 
 def test_other_patch_size_is_refused(make_args, saved_tiny):
     den = Denoiser(make_args("--model", "JiT-T/2", "--img_size", "8"))  # same 4x4 grid, patch 2 instead of 4
     with pytest.raises(ValueError, match=re.escape("net.x_embedder.proj1.weight") + r".*"
                        + re.escape("(32, 3, 4, 4)") + r".*" + re.escape("(32, 3, 2, 2)")):
-        load_checkpoint(den, saved_tiny)
+        load_checkpoint(den, saved_tiny, read_checkpoint(saved_tiny))
 
 
 def shallow_net(depth):
@@ -188,11 +189,11 @@ def test_other_depth_is_refused(make_args, tmp_path, saved_tiny):
     other.net = shallow_net(5)
     path = save(tmp_path / "depth5.pth", other, None, 1, args)
     with pytest.raises(ValueError, match=re.escape("key net.blocks.5.norm1.weight is missing")):
-        load_checkpoint(den, path)
+        load_checkpoint(den, path, read_checkpoint(path))
     other.net = shallow_net(7)
     path = save(tmp_path / "depth7.pth", other, None, 1, args)
     with pytest.raises(ValueError, match=re.escape("unexpected key net.blocks.6.norm1.weight")):
-        load_checkpoint(den, path)
+        load_checkpoint(den, path, read_checkpoint(path))
 
 
 def test_mismatched_ema_entry_is_refused(make_args, tmp_path):
@@ -202,19 +203,21 @@ def test_mismatched_ema_entry_is_refused(make_args, tmp_path):
     torch.save(dict(model=den.state_dict(), model_ema1=small.ema_state_dict(1), model_ema2=den.ema_state_dict(2),
                     optimizer={}, epoch=0, args=args), tmp_path / "bad_ema.pth")
     with pytest.raises(ValueError, match=r"\[model_ema1\].*net\.pos_embed"):
-        load_checkpoint(Denoiser(args), str(tmp_path / "bad_ema.pth"))
+        path = str(tmp_path / "bad_ema.pth")
+        load_checkpoint(Denoiser(args), path, read_checkpoint(path))
 
 
 def test_missing_file_and_foreign_file(make_args, tmp_path):
     den = Denoiser(make_args("--img_size", "8"))
     missing = str(tmp_path / "nowhere" / "checkpoint-last.pth")
     with pytest.raises(FileNotFoundError, match=re.escape(missing)):
-        load_checkpoint(den, missing)
+        load_checkpoint(den, missing, read_checkpoint(missing))
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path))):
-        load_checkpoint(den, str(tmp_path))  # a folder is not a checkpoint file
+        load_checkpoint(den, str(tmp_path), read_checkpoint(str(tmp_path)))  # a folder is not a checkpoint file
     torch.save({"state": 1}, tmp_path / "foreign.pth")
     with pytest.raises(ValueError, match="no 'model' entry"):
-        load_checkpoint(den, str(tmp_path / "foreign.pth"))
+        foreign = str(tmp_path / "foreign.pth")
+        load_checkpoint(den, foreign, read_checkpoint(foreign))
 
 
 def mapped_file(tensor):

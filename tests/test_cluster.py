@@ -19,7 +19,7 @@ import torch.distributed as dist
 from PIL import Image
 
 import util.misc as misc
-from main_jit import loader_workers
+from util.datasets import loader_workers
 from util.checkpoint import read_checkpoint
 from util.preemption import PREEMPTED_EXIT_CODE
 

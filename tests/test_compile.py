@@ -11,6 +11,7 @@ from torch._dynamo.utils import counters
 import bench
 import engine_jit
 import main_jit
+import util.misc as misc
 from denoiser import Denoiser
 from model_jit import JiT
 from test_training_loop import image_folder, run_main  # noqa: F401 (a fixture)
@@ -67,7 +68,7 @@ def test_compile_is_on_by_default_on_cuda_only(monkeypatch):
              ("cuda", ["--no-compile"], False)]
     for device, flags, expected in cases:
         args = main_jit.get_args_parser().parse_args(flags)
-        main_jit.configure_kernels(args, torch.device(device))
+        misc.configure_kernels(args, torch.device(device))
         assert args.compile is expected, (device, flags)
         assert torch.backends.cudnn.benchmark is (device == "cuda"), (device, flags)
     assert torch.get_float32_matmul_precision() == "highest"
@@ -114,8 +115,9 @@ def test_a_compiled_text_model_has_no_graph_break(make_args, tiny_llm_path, tmp_
                      "--cfg", "2.0", "--interval_min", "0.3", "--precision", "bf16")
     torch.manual_seed(0)
     model = Denoiser(args)
-    model.net.y_embedder.use_captions(["赤い丸の写真", "a green triangle", "青い空と白い雲", "犬の写真"], progress=False)
-    main_jit.compile_network(model.net)
+    model.net.y_embedder.use_captions(["赤い丸の写真", "a green triangle", "青い空と白い雲", "犬の写真"],
+                                      show_progress=False)
+    misc.compile_network(model.net)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for step in range(3):
         x = torch.rand(4, 3, 32, 32) * 2 - 1

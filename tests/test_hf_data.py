@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 import prepare_ref
-from main_jit import build_dataset, build_train_loader, build_val_set, get_args_parser
+from util.args import get_args_parser
+from util.datasets import build_dataset, build_train_loader, build_val_set
 from util import fid
 from util.data import ImageSamples, check_data, train_transform
 from util.hf_data import HFImages
@@ -238,9 +239,9 @@ def test_bad_rows_stop_naming_the_row_or_are_skipped(data, tmp_path):
         image, label = ImageSamples(samples, train_transform(32), on_bad="skip")[1]
     assert label == 2 and image[0, 0, 0].item() == 2  # the next row, with its own label
     with pytest.raises(SystemExit, match=r"(?s)1 unreadable file.*split train row 1, column image: Unidentified"):
-        check_data(samples, "error", num_workers=0, progress=False)
+        check_data(samples, "error", num_workers=0, show_progress=False)
     with pytest.warns(UserWarning, match="skipping 1 unreadable"):
-        assert check_data(samples, "skip", num_workers=0, progress=False) == [samples[0], samples[2]]
+        assert check_data(samples, "skip", num_workers=0, show_progress=False) == [samples[0], samples[2]]
 
 
 def test_sources_that_cannot_be_read(data, tmp_path):

@@ -24,7 +24,8 @@ import util.misc as misc
 from demo import materialise_digits
 from denoiser import Denoiser
 from engine_jit import evaluate, train_one_epoch
-from main_jit import build_dataset, build_train_loader, get_args_parser
+from util.args import get_args_parser
+from util.datasets import build_dataset, build_train_loader
 from util import fid
 from util.crop import center_crop_arr
 

@@ -76,7 +76,7 @@ def test_check_llm_folder(tiny_llm_path, tmp_path):
     assert message.startswith(f"--text_llm {package}: the folder holds a GGUF file")
     assert message.endswith(f"python -m util.llm --gguf {package / 'SmolLM2-135M-Instruct.Q4_1.gguf'} --out smollm2"
                             f"  (then --text_llm smollm2)")
-    # what --llm_model_name reaches: the text encoder checks before transformers' multi-line tokenizer traceback
+    # what --llm_model_name reaches: CaptionLLM checks it before transformers' multi-line tokenizer traceback
     with pytest.raises(SystemExit, match=f"--llm_model_name {no_tokenizer}: the folder has no tokenizer"):
         CaptionLLM(str(no_tokenizer))
 

@@ -1,6 +1,6 @@
 """The frozen LLM's memory (text_conditioning.CaptionLLM): its weights are loaded only by a process that has captions
 to embed, in the dtype they compute in, and released after; a start-up with every caption in the caption store
-loads none. In-process with main_jit.setup_captions, and across two torchrun ranks (gloo)."""
+loads none. In-process with util/datasets.setup_captions, and across two torchrun ranks (gloo)."""
 import gc
 import os
 import subprocess
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from denoiser import Denoiser
-from main_jit import setup_captions
+from util.datasets import setup_captions
 from text_conditioning import CaptionLLM, trainable_llm_warning
 from util.text_store import build_store
 
@@ -55,7 +55,7 @@ def test_weights_are_loaded_in_the_compute_dtype(tiny_llm_path, tmp_path, llm_lo
     and cast after). bfloat16 stands in for the GPU's compute dtype on this CPU."""
     monkeypatch.setattr(CaptionLLM, "compute_dtype", staticmethod(lambda device: torch.bfloat16))
     llm = CaptionLLM(tiny_llm_path)
-    store = build_store(llm, CAPTIONS, tmp_path, progress=False)
+    store = build_store(llm, CAPTIONS, tmp_path, show_progress=False)
     assert llm_loads.loads == [{"dtype": torch.bfloat16, "device": torch.device("cpu")}]
     assert store.meta["compute_dtype"] == "torch.bfloat16" and llm.model is None and llm_loads.models[0]() is None
 
@@ -78,7 +78,7 @@ def test_two_ranks_load_only_their_share_and_nothing_when_cached(tiny_llm_path, 
     again with all stored, neither rank loads anything. accelerate hidden in the ranks (see tests/ddp_captions.py)."""
     captions = CAPTIONS + ["a new prompt"]
     stores = tmp_path / "stores"
-    build_store(CaptionLLM(tiny_llm_path), captions[:3], stores, progress=False)
+    build_store(CaptionLLM(tiny_llm_path), captions[:3], stores, show_progress=False)
     captions_file = tmp_path / "captions.txt"
     captions_file.write_text("\n".join(captions) + "\n", encoding="utf-8")
     out = tmp_path / "report.pt"

@@ -15,7 +15,7 @@ def test_progress_into_a_log_is_a_few_lines(monkeypatch):
     """1,000 quick sampling steps written to a file: the first and last report, each on its own line, no redraws."""
     monkeypatch.delenv("JIT_PROGRESS", raising=False)
     log = io.StringIO()
-    with misc.progress(total=1000, desc="eval", unit="step", file=log) as bar:
+    with misc.progress_bar(total=1000, desc="eval", unit="step", file=log) as bar:
         for _ in range(1000):
             bar.update(1)
     lines = log.getvalue().splitlines()
@@ -27,7 +27,7 @@ def test_progress_into_a_log_is_a_few_lines(monkeypatch):
 def test_progress_on_a_terminal_redraws_live(monkeypatch):
     monkeypatch.delenv("JIT_PROGRESS", raising=False)
     terminal = Terminal()
-    with misc.progress(total=50, file=terminal, mininterval=0, miniters=1) as bar:
+    with misc.progress_bar(total=50, file=terminal, mininterval=0, miniters=1) as bar:
         for _ in range(50):
             bar.update(1)
     assert terminal.getvalue().count("\r") >= 50  # a redraw per step
@@ -37,7 +37,7 @@ def test_progress_live_through_a_pipe_when_asked(monkeypatch):
     """demo.py forwards its stages' output to a terminal: JIT_PROGRESS=live keeps their bars live."""
     monkeypatch.setenv("JIT_PROGRESS", "live")
     pipe = io.StringIO()
-    with misc.progress(total=50, file=pipe, mininterval=0, miniters=1) as bar:
+    with misc.progress_bar(total=50, file=pipe, mininterval=0, miniters=1) as bar:
         for _ in range(50):
             bar.update(1)
     assert pipe.getvalue().count("\r") >= 50

@@ -5,7 +5,7 @@ import torch
 
 import util.misc as misc
 from denoiser import Denoiser
-from engine_jit import to_uint8
+from util.images import to_uint8
 
 CPU = torch.device("cpu")
 

@@ -17,7 +17,8 @@ from PIL import Image
 
 import util.misc as misc
 from denoiser import Denoiser
-from main_jit import check_config, get_args_parser, resume
+from main_jit import load_fid_stats, resume
+from util.args import check_config, get_args_parser
 from util.checkpoint import read_checkpoint, save_checkpoint
 from util.data import ImageSamples, check_data, load_rgb, train_transform
 from util.preemption import PREEMPTED_EXIT_CODE
@@ -274,7 +275,7 @@ def test_a_transparent_png_decodes_the_same_on_every_path(tmp_path, make_args):
     """Class training (ImageFolder), captioned training (TextImageDataset) and prepare_ref.py read one decoder:
     a transparent region is white everywhere, never the colour hidden under alpha 0."""
     import prepare_ref
-    from main_jit import build_dataset, build_train_loader
+    from util.datasets import build_dataset, build_train_loader
     rgba = np.zeros((32, 32, 4), np.uint8)  # hidden colour under the transparent half: black
     rgba[:16, :] = (200, 30, 40, 255)  # opaque top half
     rgba[8:16, :, 3] = 128  # a half-transparent band
@@ -317,12 +318,12 @@ def test_check_data_reports_or_skips_bad_files(bad_files):
     good, bad = bad_files
     samples = [good[0], bad[0], good[1], bad[1], good[2]]
     with pytest.raises(SystemExit) as e:
-        check_data(samples, "error", num_workers=0, progress=False)
+        check_data(samples, "error", num_workers=0, show_progress=False)
     message = str(e.value)
     assert message.splitlines()[0] == ("--check_data: 2 unreadable file(s); fix them or pass --on_bad_data skip:")
     assert bad[0][0] in message and bad[1][0] in message and good[0][0] not in message
     with pytest.warns(UserWarning, match="skipping 2 unreadable"):
-        assert check_data(samples, "skip", num_workers=0, progress=False) == good
+        assert check_data(samples, "skip", num_workers=0, show_progress=False) == good
 
 
 def test_lazy_bad_file_stops_or_is_replaced_without_shifting_labels(bad_files):
@@ -360,8 +361,8 @@ def test_bad_configuration_messages(tmp_path):
     with pytest.raises(SystemExit, match=r"^--num_images 7 is not a multiple of --class_num 2$"):
         check_config(parse("--evaluate_gen", "--num_images", 7, "--output_dir", tmp_path))
     with pytest.raises(SystemExit, match=r"^--fid_stats: .*missing.npz"):
-        check_config(parse("--evaluate_gen", "--num_images", 8, "--fid_stats", tmp_path / "missing.npz",
-                           "--output_dir", tmp_path))
+        load_fid_stats(parse("--evaluate_gen", "--num_images", 8, "--fid_stats", tmp_path / "missing.npz",
+                             "--output_dir", tmp_path))
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit, match=r"^--output_dir .*file/out: not writable"):
         check_config(parse("--output_dir", tmp_path / "file" / "out"))

@@ -8,11 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-import engine_jit
 import sample
 import util.checkpoint
 from denoiser import Denoiser
-from main_jit import get_args_parser
+from util.args import get_args_parser
 from util.checkpoint import save_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,7 +87,7 @@ def test_ema_choice_changes_the_images(checkpoint, tmp_path):
 
 def test_saved_args_are_overridden_by_flags(checkpoint, monkeypatch):
     seen = {}
-    monkeypatch.setattr(engine_jit, "save_grid", lambda images, path, captions=None, nrow=8: seen.update(n=len(images)))
+    monkeypatch.setattr(sample, "save_grid", lambda images, path, captions=None, nrow=8: seen.update(n=len(images)))
     real_generate = Denoiser.generate
 
     def spy(model, labels, **sampler):
@@ -177,7 +176,7 @@ def test_grid_cells_are_the_generated_images(checkpoint, tmp_path):
     """Each grid cell is exactly what Denoiser.generate draws for its label with the seed (checked independently of
     sample.py: the checkpoint loaded here, EMA 2, the noise of seed 0 for the whole batch), and the grid of
     --num_images holds the same images as the PNGs of the folder output, in order."""
-    from engine_jit import to_uint8
+    from util.images import to_uint8
     from util.checkpoint import load_checkpoint, read_checkpoint
 
     out = tmp_path / "grid.png"
@@ -185,7 +184,8 @@ def test_grid_cells_are_the_generated_images(checkpoint, tmp_path):
     args = read_checkpoint(checkpoint / "checkpoint-last.pth")["args"]
     args.num_sampling_steps, args.sampling_method = 2, "euler"
     model = Denoiser(args)
-    load_checkpoint(model, str(checkpoint / "checkpoint-last.pth"))
+    path = str(checkpoint / "checkpoint-last.pth")
+    load_checkpoint(model, path, read_checkpoint(path))
     model.eval()
     torch.manual_seed(0)
     with model.ema_weights(2):

@@ -1,4 +1,4 @@
-"""util/shapes.py: the captioned coloured-shapes set, prompt parsing and the pixel-rule scorer; `demo.py --text`."""
+"""util/shapes.py: the captioned coloured-shapes set, prompt parsing and the pixel-rule scorer; `demo_text.py`."""
 import collections
 import os
 import re
@@ -146,7 +146,7 @@ def test_adherence_table():
 @pytest.mark.slow
 def test_text_demo_quick_end_to_end(tmp_path, tiny_llm_path):
     out = tmp_path / "quick"
-    result = subprocess.run([sys.executable, "demo.py", "--text", "--quick", "--out", str(out), "--device", "cpu",
+    result = subprocess.run([sys.executable, "demo_text.py", "--quick", "--out", str(out), "--device", "cpu",
                              "--precision", "fp32", "--llm_model_name", tiny_llm_path], cwd=REPO,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -14,7 +14,8 @@ from PIL import Image
 
 import prepare_data
 import prepare_ref
-from main_jit import build_dataset, build_train_loader, get_args_parser
+from util.args import get_args_parser
+from util.datasets import build_dataset, build_train_loader
 from util import fid
 from util.data import load_rgb, train_transform
 from util.preemption import PREEMPTED_EXIT_CODE

@@ -21,8 +21,8 @@ import util.misc as misc
 from conftest import perturb_
 from denoiser import Denoiser
 from util import fid
-from engine_jit import to_uint8
 from util.checkpoint import load_checkpoint, read_checkpoint, rng_state, save_checkpoint
+from util.images import to_uint8
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(REPO, "main_jit.py")
@@ -143,7 +143,8 @@ def test_evaluate_gen_follows_seed_not_the_training_rng_of_the_checkpoint(tmp_pa
     write_checkpoint(tmp_path / "b", rng_seed=2)
     first = samples(tmp_path / "a", 5)
     model = Denoiser(parse("--num_sampling_steps", 2, "--sampling_method", "euler")).eval()
-    load_checkpoint(model, tmp_path / "a" / "checkpoint-last.pth")
+    path = tmp_path / "a" / "checkpoint-last.pth"
+    load_checkpoint(model, path, read_checkpoint(path))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(5)  # what the release does right before evaluating: seed + rank
         expected = to_uint8(model.generate(torch.tensor([0, 1]))).permute(0, 2, 3, 1).numpy()

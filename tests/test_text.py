@@ -24,9 +24,9 @@ from util.llm import convert_gguf, find_smollm2_gguf
 from util.text_store import build_store, store_folder
 
 
-def embed_captions(encoder, captions, root, batch_size=64, progress=False):
+def embed_captions(encoder, captions, root, batch_size=64, show_progress=False):
     """(len(captions), width) float32 rows read back from the caption store under root (pooled mode: one row each)."""
-    store = build_store(encoder, captions, root, batch_size=batch_size, progress=progress)
+    store = build_store(encoder, captions, root, batch_size=batch_size, show_progress=show_progress)
     rows = store.read(store.locate(captions))
     return torch.cat(rows).float() if rows else torch.empty(0, encoder.hidden_size)
 
@@ -248,15 +248,15 @@ def test_store_keyed_by_fingerprint(tiny_llm_path, tmp_path, llm_loads):
 def test_store_of_another_llm_is_refused_naming_the_folder(tiny_llm_path, tmp_path):
     short = CaptionLLM(tiny_llm_path, max_text_len=3)
     long = CaptionLLM(tiny_llm_path)
-    build_store(short, JA_CAPTIONS, tmp_path / "short", progress=False)
+    build_store(short, JA_CAPTIONS, tmp_path / "short", show_progress=False)
     # a store folder copied (or renamed) to where another encoder's store lives
     theirs = store_folder(long, tmp_path / "long")
     os.makedirs(tmp_path / "long")
     shutil.copytree(store_folder(short, tmp_path / "short"), theirs)
     with pytest.raises(ValueError) as info:
-        build_store(long, JA_CAPTIONS, tmp_path / "long", progress=False)
+        build_store(long, JA_CAPTIONS, tmp_path / "long", show_progress=False)
     message = str(info.value)
-    assert "\n" not in message and message.startswith(f"{theirs}: caption store of another text encoder")
+    assert "\n" not in message and message.startswith(f"{theirs}: caption store of another LLM")
     assert "max_text_len=3" in message
 
 
@@ -274,7 +274,7 @@ def test_store_build_resumes_after_a_kill(tiny_llm_path, tmp_path, monkeypatch):
 
     monkeypatch.setattr(enc, "features", killed_at_the_third_batch)
     with pytest.raises(KeyboardInterrupt):  # shard_bytes=1: every batch of 8 is a completed shard
-        build_store(enc, captions, tmp_path, batch_size=8, shard_bytes=1, progress=False)
+        build_store(enc, captions, tmp_path, batch_size=8, shard_bytes=1, show_progress=False)
     folder = store_folder(enc, tmp_path)
     assert len([f for f in os.listdir(folder) if f.startswith("shard-")]) == 2
     assert not os.path.exists(os.path.join(folder, "index.json"))  # the kill came before the index merge
@@ -282,7 +282,7 @@ def test_store_build_resumes_after_a_kill(tiny_llm_path, tmp_path, monkeypatch):
 
     batches.clear()
     monkeypatch.setattr(enc, "features", lambda chunk: batches.append(list(chunk)) or features(chunk))
-    store = build_store(enc, captions, tmp_path, batch_size=8, shard_bytes=1, progress=False)
+    store = build_store(enc, captions, tmp_path, batch_size=8, shard_bytes=1, show_progress=False)
     assert sum(batches, []) == captions[16:]  # only what the killed build had not stored
     assert len(store) == 40 and store.unindexed == 0
     for name, data in first_run.items():  # completed shards kept as they were
@@ -303,37 +303,20 @@ def test_store_build_is_split_across_ranks(tiny_llm_path, tmp_path, monkeypatch)
     monkeypatch.setattr(enc, "features", lambda chunk: seen.append(list(chunk)) or features(chunk))
     monkeypatch.setattr(util.misc, "get_world_size", lambda: 2)
     monkeypatch.setattr(util.misc, "get_rank", lambda: 1)
-    store = build_store(enc, captions, tmp_path, progress=False)
+    store = build_store(enc, captions, tmp_path, show_progress=False)
     assert seen == [captions[1::2]] and len(store) == 5
     assert not os.path.exists(os.path.join(store.folder, "index.json"))  # rank 1 does not write the index
     monkeypatch.setattr(util.misc, "get_rank", lambda: 0)
-    store = build_store(enc, captions, tmp_path / "other", progress=False)  # rank 0's share of the same build
+    store = build_store(enc, captions, tmp_path / "other", show_progress=False)  # rank 0's share of the same build
     assert seen[1] == captions[0::2] and len(store) == 5
     with open(os.path.join(store.folder, "index.json"), encoding="utf-8") as f:
         index = json.load(f)
     assert sum((shard["captions"] for shard in index["shards"]), []) == captions[0::2]
 
 
-def test_store_migrates_the_single_file_cache(tiny_llm_path, tmp_path, llm_loads):
-    """A cache file of the earlier single-file format (text_features_<key>.pt, float32 pooled rows) is taken over
-    without running the LLM, and renamed so it is never read again."""
-    import hashlib
-    enc = CaptionLLM(tiny_llm_path)
-    key = f"{enc.fingerprint()}|{enc.compute_dtype('cpu')}|v1"
-    legacy = tmp_path / f"text_features_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
-    old_rows = torch.randn(2, 32)
-    torch.save({"version": 1, "fingerprint": enc.fingerprint(), "compute_dtype": str(enc.compute_dtype("cpu")),
-                "captions": JA_CAPTIONS[:2], "features": old_rows}, legacy)
-    calls = llm_loads.calls
-    table = embed_captions(enc, JA_CAPTIONS, tmp_path)
-    assert len(calls) == 1  # the two captions that were not in the old cache, in one batch
-    assert torch.equal(table[:2], old_rows.half().float())
-    assert not legacy.exists() and os.path.exists(f"{legacy}.migrated")
-
-
 def test_tokens_store_holds_every_real_token(tiny_llm_path, tmp_path):
     enc = CaptionLLM(tiny_llm_path, conditioning="tokens")
-    store = build_store(enc, JA_CAPTIONS, tmp_path, batch_size=len(JA_CAPTIONS), progress=False)
+    store = build_store(enc, JA_CAPTIONS, tmp_path, batch_size=len(JA_CAPTIONS), show_progress=False)
     rows = store.read(store.locate(JA_CAPTIONS))
     with enc.loaded("cpu"):
         hidden, mask = enc.last_hidden_states(JA_CAPTIONS)
@@ -368,9 +351,9 @@ def test_store_of_100k_captions_keeps_memory_bounded(tiny_llm_path, tmp_path):
         return info.rss - info.shared
 
     build_store(enc, [f"warm-up {i}" for i in range(12_000)], tmp_path / "warm-up", batch_size=1000,
-                shard_bytes=8 * 2 ** 20, progress=False)
+                shard_bytes=8 * 2 ** 20, show_progress=False)
     before = anon_rss()
-    store = build_store(enc, captions, tmp_path, batch_size=1000, shard_bytes=8 * 2 ** 20, progress=False)
+    store = build_store(enc, captions, tmp_path, batch_size=1000, shard_bytes=8 * 2 ** 20, show_progress=False)
     built = anon_rss()
     locations = store.locate(captions)
     rows = 0
@@ -444,7 +427,7 @@ def test_text_image_dataset_error_names_path(tmp_path, bad):
 
 
 def test_empty_caption_file_stops_main_with_one_line_naming_it(tmp_path, make_args):
-    from main_jit import build_dataset
+    from util.datasets import build_dataset
     root = make_text_image_root(tmp_path / "ds", {**GOOD, "empty.png": ""})
     with pytest.raises(SystemExit) as info:
         build_dataset(make_args("--data_path", str(root)), text=True)
@@ -466,9 +449,9 @@ def test_prompts_file_with_a_blank_line_stops_naming_the_file(tmp_path):
         with pytest.raises(ValueError) as info:
             read_prompts(str(path))
         assert str(info.value).startswith(f"--prompts_file {path}: {problem}") and "\n" not in str(info.value)
-        with pytest.raises(SystemExit) as info:  # sample.py reads prompt files the same way
+        with pytest.raises(ValueError) as info:  # sample.py reads prompt files the same way (its main says so)
             sample.cli_prompts(argparse.Namespace(prompts=None, prompts_file=str(path)))
-        assert str(info.value).startswith(f"sample.py: error: --prompts_file {path}: {problem}")
+        assert str(info.value).startswith(f"--prompts_file {path}: {problem}")
 
 
 def test_text_image_dataset_skip(tmp_path):
@@ -527,7 +510,7 @@ def test_captions_match_in_any_case_and_in_sub_folders(tmp_path):
 
 
 def test_two_images_sharing_one_caption_file_are_an_error_naming_both(tmp_path, make_args):
-    from main_jit import build_dataset
+    from util.datasets import build_dataset
     for images in (["a.jpg", "a.png"], ["a.jpg", "A.jpg"]):  # another extension, or another case of the name
         root = write_files(tmp_path / images[1], {**{f"images/{n}": None for n in images}, "captions/a.txt": "猫",
                                                   "images/b.jpg": None, "captions/b.txt": "犬"})
@@ -574,11 +557,11 @@ def test_long_captions_are_counted_once_with_the_longest(tiny_llm_path, tmp_path
     assert enc.token_counts(captions) == lengths
     kept = enc.tokenize(captions)["attention_mask"].sum(1).tolist()
     assert kept == [8, 8, lengths[2], 8]  # what the LLM reads: the count below is of those cut
-    build_store(enc, captions, tmp_path, batch_size=3, progress=False)  # counted while embedding, across batches
+    build_store(enc, captions, tmp_path, batch_size=3, show_progress=False)  # counted while embedding, across batches
     assert capsys.readouterr().out.splitlines() == [
         f"2 of 4 captions have more than --max_text_len 8 tokens (the longest {max(lengths)}): the LLM reads only "
         f"their first 8"]
-    build_store(enc, captions + ["犬"], tmp_path, progress=False)  # the stored ones are not counted again
+    build_store(enc, captions + ["犬"], tmp_path, show_progress=False)  # the stored ones are not counted again
     assert capsys.readouterr().out == ""
 
 def test_imagenet_with_captions(tmp_path):
@@ -627,7 +610,7 @@ def test_real_llm_japanese_captions(smollm2_path, tmp_path):
     root = make_text_image_root(tmp_path / "ds", {"x.png": "犬の写真  \n"})
     ds = TextImageDataset(root)
     assert ds.captions == ["犬の写真"]
-    table = embed_captions(enc, ds.captions, tmp_path / "cache", batch_size=1, progress=False)
+    table = embed_captions(enc, ds.captions, tmp_path / "cache", batch_size=1, show_progress=False)
     with enc.loaded("cpu"):
         dog, cat, dog_again = enc.pooled_features(["犬の写真", "猫の写真", "犬の写真"])
         assert torch.isfinite(dog).all()

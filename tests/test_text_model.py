@@ -33,7 +33,7 @@ def private_cache(tmp_path, monkeypatch):
 
 
 def with_captions(model, captions=CAPTIONS):
-    model.net.y_embedder.use_captions(captions, progress=False)  # the store under $JIT_CACHE_DIR (default_root)
+    model.net.y_embedder.use_captions(captions, show_progress=False)  # the store under $JIT_CACHE_DIR (default_root)
     return model
 
 
@@ -158,11 +158,11 @@ def test_checkpoint_records_the_llm_and_holds_none_of_it(text_args, make_args, t
     assert os.path.getsize(path) < 1.05 * os.path.getsize(class_path)  # about the JiT alone
 
     reloaded = Denoiser(text_args())
-    load_checkpoint(reloaded, path)
+    load_checkpoint(reloaded, path, read_checkpoint(path))
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values()))
-    with pytest.raises(ValueError, match=r"trained with the text encoder .*max_text_len=77.* but this model uses "
+    with pytest.raises(ValueError, match=r"trained with the caption LLM .*max_text_len=77.* but this model uses "
                                          r".*max_text_len=16"):
-        load_checkpoint(Denoiser(text_args("--max_text_len", "16")), path)
+        load_checkpoint(Denoiser(text_args("--max_text_len", "16")), path, read_checkpoint(path))
 
 
 @pytest.fixture
@@ -181,7 +181,7 @@ def caption_folder(tmp_path):
 def test_text_evaluation_requires_fid_stats_and_the_named_command_makes_them(caption_folder, make_args, tmp_path,
                                                                            monkeypatch):
     import prepare_ref
-    from main_jit import check_config
+    from util.args import check_config
     from util import fid
     from util.crop import center_crop_arr
     from util.data import load_rgb
@@ -217,14 +217,17 @@ def test_text_evaluation_requires_fid_stats_and_the_named_command_makes_them(cap
 def test_default_eval_prompts_are_a_seeded_sample_written_beside_the_results(caption_folder, text_args, tmp_path,
                                                                            monkeypatch, capsys):
     import engine_jit
-    from main_jit import build_dataset, check_config, sample_eval_prompts, setup_captions
+    from main_jit import load_fid_stats
+    from util.args import check_config
+    from util.datasets import build_dataset, sample_eval_prompts, setup_captions
     from util import fid
     stats, out = tmp_path / "stats.npz", tmp_path / "out"
     fid.save_stats(stats, {"mu": np.zeros(2048), "sigma": np.eye(2048)})
     args = text_args("--data_path", str(caption_folder), "--online_eval", "--fid_stats", str(stats), "--output_dir",
                      str(out), "--num_images", "10", "--seed", "3", "--save_png", "--num_sampling_steps", "1",
                      "--gen_bsz", "5", "--max_text_len", "4")
-    ref_stats = check_config(args)
+    check_config(args)
+    ref_stats = load_fid_stats(args)
     dataset = build_dataset(args, text=True)
     model = Denoiser(args)
     eval_ids = setup_captions(args, model, dataset)
@@ -372,17 +375,17 @@ def test_tokens_checkpoint_round_trip_and_mode_is_recorded(text_args, perturb, t
     ckpt = read_checkpoint(path)
     assert ckpt["args"].text_conditioning == "tokens" and ckpt["text_encoder"].endswith("|last-hidden-tokens-v1")
     reloaded = Denoiser(text_args("--text_conditioning", "tokens"))
-    load_checkpoint(reloaded, path)
+    load_checkpoint(reloaded, path, read_checkpoint(path))
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values()))
-    with pytest.raises(ValueError, match=r"trained with the text encoder .*last-hidden-tokens-v1.* but this model "
+    with pytest.raises(ValueError, match=r"trained with the caption LLM .*last-hidden-tokens-v1.* but this model "
                                          r"uses .*masked-mean-v1"):
-        load_checkpoint(Denoiser(text_args()), path)
+        load_checkpoint(Denoiser(text_args()), path, read_checkpoint(path))
 
 
 def test_training_and_sampling_read_the_same_rows(text_args, tmp_path):
-    """Training (main_jit.setup_captions) and sampling (sample.py's store lookup of its prompts, in another batch
+    """Training (util/datasets.setup_captions) and sampling (sample.py's store lookup of its prompts, in another batch
     and another process's model) read a caption's features bit for bit alike, in both modes."""
-    from main_jit import setup_captions
+    from util.datasets import setup_captions
     for mode in ("pooled", "tokens"):
         args = text_args("--text_conditioning", mode, "--text_cache_dir", str(tmp_path / "stores"))
         trained = Denoiser(args)
@@ -390,7 +393,7 @@ def test_training_and_sampling_read_the_same_rows(text_args, tmp_path):
         setup_captions(args, trained, dataset)
         sampler = Denoiser(args)
         prompts = ["a new prompt", CAPTIONS[3], CAPTIONS[1]]
-        sampler.net.y_embedder.use_captions(prompts, args.text_cache_dir, progress=False)  # as sample.py
+        sampler.net.y_embedder.use_captions(prompts, args.text_cache_dir, show_progress=False)  # as sample.py
         train_rows, train_mask = trained.net.y_embedder.caption_features(torch.tensor([3, 0, 1]))
         sample_rows, sample_mask = sampler.net.y_embedder.caption_features(torch.tensor([1, 2]))
         n3, n1 = train_mask[0].sum(), train_mask[2].sum()

@@ -12,8 +12,10 @@ from PIL import Image
 import engine_jit
 import util.misc as misc
 from denoiser import Denoiser
-from main_jit import build_dataset, get_args_parser
+from util.args import get_args_parser
+from util.datasets import build_dataset
 from util.checkpoint import read_checkpoint, resolve_checkpoint_path
+from util.images import to_uint8
 from util.lr_sched import learning_rate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -224,7 +226,7 @@ def test_eval_labels_split_exactly_and_class_balanced():
 def test_to_uint8_matches_release_rounding():
     x = torch.tensor([-1.5, -1.0, 0.0, 0.5, 1.0, 1.2])
     expected = np.round(np.clip((x.numpy() + 1) / 2 * 255, 0, 255)).astype(np.uint8)
-    assert engine_jit.to_uint8(x).tolist() == expected.tolist()
+    assert to_uint8(x).tolist() == expected.tolist()
     assert engine_jit.to_model_input(torch.tensor([0, 255], dtype=torch.uint8), "cpu").tolist() == [-1.0, 1.0]
 
 
@@ -272,3 +274,39 @@ def test_data_errors(image_folder, tmp_path):
     args = tiny_args("--data_path", str(image_folder), "--class_num", "1")
     with pytest.raises(SystemExit, match=r"--class_num 1: .* has 2 class folders, so labels would reach 1"):
         build_dataset(args, text=False)
+
+
+def test_one_answer_to_what_a_data_path_holds(tmp_path, make_args):
+    """util/datasets.data_kind answers for main_jit.py, prepare_ref.py and prepare_data.py alike: a folder holding
+    both train/ and images/ + captions/ is captioned data, so a -Text model trains on images/ and prepare_ref.py
+    measures images/; a class model and prepare_data.py index train/."""
+    import prepare_data
+    import prepare_ref
+    from text_image_dataset import TextImageDataset
+    from util.datasets import CAPTIONED, HUGGING_FACE, IMAGE_FOLDER, SHARDS, data_kind
+
+    layouts = {"shards": ["jit_shards.json"], "parquet": ["data/train-0.parquet"], "saved": ["state.json"],
+               "both": ["train/a/0.png", "images/0.png", "captions/0.txt"], "folder": ["train/a/0.png"],
+               "plain": ["x/0.png"]}
+    for name, files in layouts.items():
+        for file in files:
+            os.makedirs(os.path.dirname(tmp_path / name / file), exist_ok=True)
+            if file.endswith(".png"):
+                Image.new("RGB", (40, 40), (9, 9, 9)).save(tmp_path / name / file)
+            else:
+                (tmp_path / name / file).write_text("a gray square" if file.endswith(".txt") else "")
+    kinds = {name: data_kind(str(tmp_path / name)) for name in layouts}
+    assert kinds == {"shards": SHARDS, "parquet": HUGGING_FACE, "saved": HUGGING_FACE, "both": CAPTIONED,
+                     "folder": IMAGE_FOLDER, "plain": None}
+    assert data_kind("hf:cifar10") == HUGGING_FACE
+    both = str(tmp_path / "both")
+    assert isinstance(build_dataset(make_args("--data_path", both, "--model", "JiT-T/4-Text"), text=True),
+                      TextImageDataset)
+    assert prepare_ref.image_root(both) == os.path.join(both, "images")
+    assert prepare_ref.image_root(str(tmp_path / "folder")) == str(tmp_path / "folder" / "train")
+    assert prepare_ref.image_root(str(tmp_path / "plain")) == str(tmp_path / "plain")
+    assert build_dataset(make_args("--data_path", both), text=False).samples[0][0] == os.path.join(
+        both, "train", "a", "0.png")
+    with pytest.raises(SystemExit, match=r"^prepare_data.py: --data_path .*plain: no train/ folder of class"):
+        prepare_data.main(prepare_data.get_args_parser().parse_args(["--data_path", str(tmp_path / "plain"),
+                                                                      "--out", str(tmp_path / "out")]))

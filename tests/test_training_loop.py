@@ -18,10 +18,10 @@ from PIL import Image
 import engine_jit
 import main_jit
 import util.misc as misc
-from demo import read_scalars
 from denoiser import Denoiser
 from util import fid
 from util.checkpoint import read_checkpoint
+from util.stages import read_scalars
 
 FORWARD = Denoiser.forward
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -207,7 +207,7 @@ def test_online_eval_then_kill_and_resume_equals_uninterrupted_run(image_folder,
 
 def test_a_run_reads_its_checkpoint_and_fid_stats_once(tmp_path, monkeypatch):
     """A run evaluating a --resume checkpoint twice (two EMA tracks) opens the checkpoint once (resume() checks and
-    loads the one dict) and the --fid_stats file once (check_config loads it, every evaluation reuses it)."""
+    loads the one dict) and the --fid_stats file once (load_fid_stats reads it, every evaluation reuses it)."""
     stats = tmp_path / "stats.npz"
     fid.save_stats(stats, {"mu": np.zeros(2048), "sigma": np.eye(2048)})
     checkpoint = tmp_path / "checkpoint-last.pth"

@@ -15,8 +15,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import demo
 from denoiser import Denoiser
 from engine_jit import validation_loss
-from main_jit import (build_dataset, build_val_loader, build_val_set, check_config, get_args_parser, setup_captions,
-                      shift_val_caption_ids)
+from util.args import check_config, get_args_parser
+from util.datasets import build_dataset, build_val_loader, build_val_set, setup_captions, shift_val_caption_ids
 from util.checkpoint import read_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,11 +1,13 @@
-"""Reading official-layout checkpoints (dict with model, model_ema1, model_ema2, optimizer, epoch, args), and the
-exported model folders of export.py (config.json + model.safetensors: one weight set, no optimizer, no pickle)."""
+"""Checkpoints in the official layout (dict with model, model_ema1, model_ema2, optimizer, epoch, args): writing,
+reading, which one a run resumes; and the model folders of export.py (config.json + model.safetensors: one weight
+set, no optimizer, no pickle)."""
 import argparse
 import glob
 import json
 import os
 import random
 import re
+import socket
 import zipfile
 
 import numpy as np
@@ -13,24 +15,17 @@ import safetensors
 import safetensors.torch
 import torch
 
+import util.misc as misc
+from util.args import SAMPLER_FIELDS, is_text_model
+
 
 def read_checkpoint(path):
-    """torch.load a checkpoint on the CPU; the official ones pickle an argparse.Namespace under 'args'. Files in
-    torch.save's zip format (every one since torch 1.6) are memory-mapped: the ranks of a node share one copy in
-    the page cache instead of each reading the whole file into its own memory (~19 GB for JiT-H/16)."""
+    """torch.load a checkpoint on the CPU (the official ones pickle an argparse.Namespace under 'args'), memory-mapped
+    when in torch.save's zip format: the ranks of a node then share one copy in the page cache."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     with torch.serialization.safe_globals([argparse.Namespace]):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-
-
-def with_saved_args(args, saved):
-    """args (e.g. main_jit.py's defaults) updated with a checkpoint's saved args: an argparse.Namespace (ours and the
-    official checkpoints) or a dict; fields an older checkpoint lacks keep their defaults."""
-    if saved is not None:
-        for key, value in (vars(saved) if isinstance(saved, argparse.Namespace) else dict(saved)).items():
-            setattr(args, key, value)
-    return args
 
 
 def check_state_dict(expected, given, source):
@@ -46,46 +41,68 @@ def check_state_dict(expected, given, source):
             raise ValueError(f"{source}: unexpected key {key}; the checkpoint belongs to another model config")
 
 
-def text_encoder_of(denoiser):
+def caption_llm_of(denoiser):
     """The CaptionLLM of a -Text model (text_conditioning.py), else None."""
     return getattr(denoiser.net.y_embedder, "caption_llm", None)
 
 
-def check_text_encoder(denoiser, saved_fingerprint, path):
-    """A -Text checkpoint records its LLM (CaptionLLM.fingerprint); loading it with another LLM, tokenizer
-    or max_text_len is an error. The hub name / folder is not compared, so a local copy of the same LLM loads."""
-    encoder = text_encoder_of(denoiser)
-    if encoder is None or saved_fingerprint is None:
+def check_caption_llm(denoiser, saved_fingerprint, path):
+    """Weights trained with another LLM, tokenizer or max_text_len (CaptionLLM.fingerprint, saved beside them) do not
+    load; the hub name or folder is not compared, so a local copy of the same LLM loads."""
+    caption_llm = caption_llm_of(denoiser)
+    if caption_llm is None or saved_fingerprint is None:
         return
-    if saved_fingerprint.split("|")[1:] != encoder.fingerprint().split("|")[1:]:
-        raise ValueError(f"{path}: trained with the text encoder {saved_fingerprint}, but this model uses "
-                         f"{encoder.fingerprint()} (--llm_model_name / --max_text_len)")
+    if saved_fingerprint.split("|")[1:] != caption_llm.fingerprint().split("|")[1:]:
+        raise ValueError(f"{path}: trained with the caption LLM {saved_fingerprint}, but this model uses "
+                         f"{caption_llm.fingerprint()} (--llm_model_name / --max_text_len)")
 
 
-def load_checkpoint(denoiser, path, checkpoint=None):
-    """Fill `denoiser` (weights and both EMA tracks) strictly from a checkpoint file, or from its dict already read
-    by read_checkpoint(path) (a checkpoint is read once per run); returns the checkpoint dict.
+def load_weights(denoiser, state, source, llm_fingerprint, llm_source):
+    """Fill the network strictly from one weight set (a state dict under the official keys)."""
+    check_caption_llm(denoiser, llm_fingerprint, llm_source)
+    check_state_dict(denoiser.state_dict(), state, source)
+    denoiser.load_state_dict(state, strict=True)
 
-    A checkpoint without EMA entries (e.g. a bare {'model': ...}) initialises both tracks from its weights.
-    """
-    checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
+
+def load_checkpoint(denoiser, path, checkpoint):
+    """Fill `denoiser` (weights and both EMA tracks) strictly from the checkpoint dict read from `path`; a checkpoint
+    without EMA entries (e.g. a bare {'model': ...}) initialises both tracks from its weights."""
     if "model" not in checkpoint:
         raise ValueError(f"{path}: not a JiT checkpoint (no 'model' entry; keys: {sorted(checkpoint)[:6]})")
-    check_text_encoder(denoiser, checkpoint.get("text_encoder"), path)
-    expected = denoiser.state_dict()
-    check_state_dict(expected, checkpoint["model"], f"{path} [model]")
-    denoiser.load_state_dict(checkpoint["model"], strict=True)
+    load_weights(denoiser, checkpoint["model"], f"{path} [model]", checkpoint.get("text_encoder"), path)
     for track in (1, 2):
         ema = checkpoint.get(f"model_ema{track}", checkpoint["model"])
-        check_state_dict(expected, ema, f"{path} [model_ema{track}]")
+        check_state_dict(denoiser.state_dict(), ema, f"{path} [model_ema{track}]")
         denoiser.load_ema_state_dict(track, ema)
-    return checkpoint
+
+
+def weight_set_entry(checkpoint, ema_track):
+    """The checkpoint entry holding EMA track 1 or 2 (0: the live weights, 'model'); a checkpoint without EMA entries
+    holds its live weights only."""
+    entry = f"model_ema{ema_track}" if ema_track else "model"
+    return entry if entry in checkpoint else "model"
+
+
+def read_model_source(path, flag="--checkpoint"):
+    """(path, saved args, checkpoint, config) of what `flag` names: a checkpoint .pth or a folder holding
+    checkpoint-last.pth (config None), or an export folder (checkpoint None); one-line FileNotFoundError/ValueError."""
+    # saved args: a checkpoint's `args` (None in an official file without them), or an export's fields
+    if is_pretrained_folder(path):
+        config = read_pretrained_config(path)
+        return path, {name: config[name] for name in PRETRAINED_FIELDS}, None, config
+    path = resolve_checkpoint_path(path, flag, required=True)
+    try:
+        checkpoint = read_checkpoint(path)
+    except Exception as e:  # noqa: BLE001 - anything that is not a torch checkpoint
+        raise ValueError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise ValueError(f"{path}: not a JiT checkpoint (no 'model' entry)")
+    return path, checkpoint.get("args"), checkpoint, None
 
 
 def resolve_checkpoint_path(path, flag="--resume", required=False):
-    """A checkpoint .pth file, or a folder holding checkpoint-last.pth -> the file to load (flag names the path in
-    errors). A folder without checkpoint-last.pth gives None (a first launch of an auto-resuming job) unless required;
-    a path that does not exist is a FileNotFoundError, never a silent fresh start."""
+    """A checkpoint .pth, or a folder holding checkpoint-last.pth -> the file; a folder without one -> None (the first
+    launch of an auto-resuming job) unless required. A path that does not exist is an error, never a fresh start."""
     if not path:
         return None
     if os.path.isfile(path):
@@ -142,10 +159,8 @@ def remove_stale_temporaries(output_dir):
 
 
 def save_checkpoint(path, denoiser, optimizer, epoch, args, resume_state=None):
-    """Write a checkpoint in the official layout atomically: a temporary file in the same folder, fsynced, then
-    renamed over `path`, so a crash at any instant leaves the previous or the new checkpoint, never a torn one.
-    resume_state (beside the official keys, ignored by the original code): where to continue exactly, see
-    main_jit.save_for_resume."""
+    """Write a checkpoint in the official layout, atomically; resume_state (beside the official keys, which the
+    original code ignores) says where to continue exactly (main_jit.save_for_resume)."""
     checkpoint = {
         "model": denoiser.state_dict(),
         "model_ema1": denoiser.ema_state_dict(1),
@@ -156,28 +171,93 @@ def save_checkpoint(path, denoiser, optimizer, epoch, args, resume_state=None):
     }
     if resume_state is not None:
         checkpoint["resume_state"] = resume_state
-    if text_encoder_of(denoiser) is not None:  # the frozen LLM itself is never saved, only which one it was
-        checkpoint["text_encoder"] = text_encoder_of(denoiser).fingerprint()
-    tmp_path = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp_path, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-    try:  # make the rename itself durable; the checkpoint is written either way, so a folder that cannot be
-        # fsynced (some network file systems, Windows) must not turn this save into a reported failure
-        folder_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    if caption_llm_of(denoiser) is not None:  # the frozen LLM itself is never saved, only which one it was
+        checkpoint["text_encoder"] = caption_llm_of(denoiser).fingerprint()
+    with misc.atomic_write(path, sync_folder=True) as tmp, open(tmp, "wb") as f:
+        torch.save(checkpoint, f)
+
+
+# ------------------------------------------------------------------ resuming (main_jit.py)
+def check_resume_compatible(args, path, saved):
+    """The checkpoint's model, image size and class count (its saved args) must be this run's (one line naming the
+    flags)."""
+    for flag in ("model", "img_size", "class_num"):
+        ours, theirs = getattr(args, flag), getattr(saved, flag, None)
+        if theirs is not None and theirs != ours and not (flag == "class_num" and is_text_model(args)):
+            raise SystemExit(f"--resume {path}: the checkpoint has --{flag} {theirs}, this run --{flag} {ours}")
+
+
+def choose_checkpoint(args):
+    """The checkpoint this run continues from (None: a fresh start), decided on rank 0 for every rank, or one line on
+    every rank when it must not start (refuse_to_start, a --resume that names nothing)."""
+    # decided once: a node that could not see the checkpoint would otherwise start at epoch 0 beside ranks resuming
+    decision = [None, None]  # (path, error)
+    if misc.is_main_process():
         try:
-            os.fsync(folder_fd)
-        finally:
-            os.close(folder_fd)
-    except OSError:
-        pass
+            decision = [resolve_checkpoint_path(args.resume), None]
+        except FileNotFoundError as e:
+            decision = [None, str(e)]
+        if decision[1] is None:
+            decision[1] = refuse_to_start(args, decision[0])
+    if misc.is_dist_avail_and_initialized():
+        torch.distributed.broadcast_object_list(decision, src=0)
+    path, error = decision
+    if error:
+        raise SystemExit(error)
+    return path
+
+
+def refuse_to_start(args, path):
+    """Why this run must not start with checkpoint `path` (None: fresh), or None: training must not replace another
+    run's checkpoints in --output_dir, and --evaluate_gen needs a checkpoint in a --resume folder."""
+    if args.evaluate_gen:
+        if args.resume and path is None:
+            return (f"--resume {args.resume}: no checkpoint-last.pth there, nothing to evaluate (without --resume, "
+                    f"--evaluate_gen evaluates the initial weights of --seed)")
+        return None
+    continues_here = path is not None and os.path.realpath(os.path.dirname(os.path.abspath(path))) == \
+        os.path.realpath(args.output_dir)
+    if continues_here:
+        return None
+    held = checkpoints_in(args.output_dir)
+    if not held:
+        return None
+    name = "checkpoint-last.pth" if "checkpoint-last.pth" in held else held[-1]
+    try:
+        epoch, step = continue_point(read_checkpoint(os.path.join(args.output_dir, name)))
+        saved = f"saved at epoch {epoch} step {step}"
+    except Exception as e:  # noqa: BLE001 - a torn or foreign file is still not ours to replace
+        saved = f"unreadable: {type(e).__name__}"
+    if path is None:
+        return (f"--output_dir {args.output_dir} already holds {name} ({saved}): pass --resume {args.output_dir} to "
+                f"continue that run, or choose another --output_dir")
+    return (f"--output_dir {args.output_dir} already holds {name} ({saved}), which this run, resuming {path}, would "
+            f"replace: choose another --output_dir")
+
+
+def read_on_every_rank(path):
+    """Every rank reads rank 0's checkpoint `path` and must find the same one; otherwise every rank stops with one line
+    naming the first rank (and host) that cannot read it or reads another copy: the folder is not on a shared disk."""
+    try:
+        checkpoint, problem = read_checkpoint(path), None
+        seen = continue_point(checkpoint)
+    except Exception as e:  # noqa: BLE001 - missing, torn, or not a checkpoint: reported below, alike on every rank
+        checkpoint, seen = None, None
+        problem = (str(e) if isinstance(e, FileNotFoundError)
+                   else f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+    views = [(problem, seen, socket.gethostname())]
+    if misc.is_dist_avail_and_initialized():
+        views = [None] * misc.get_world_size()
+        torch.distributed.all_gather_object(views, (problem, seen, socket.gethostname()))
+    for rank, (problem, seen, host) in enumerate(views):
+        if len(views) == 1 and problem:
+            raise SystemExit(problem)
+        if problem or seen != views[0][1]:
+            what = (f"cannot read it ({problem})" if problem else f"reads another copy (saved at epoch {seen[0]} step "
+                    f"{seen[1]}; rank 0's: epoch {views[0][1][0]} step {views[0][1][1]})")
+            raise SystemExit(f"--resume {path}: rank {rank} on {host} {what}; every node must see the same "
+                             f"checkpoint folder (a shared disk)")
+    return checkpoint
 
 
 # ------------------------------------------------------------------ exported models (export.py)
@@ -186,10 +266,9 @@ PRETRAINED_WEIGHTS = "model.safetensors"
 PRETRAINED_FORMAT = "jit-denoiser"
 # what a Denoiser is built from (main_jit.py flag names, so a config reads like the command line that trained it),
 # then the sampler defaults; for class models the text fields are null, for -Text models class_num is
-PRETRAINED_MODEL_FIELDS = ("model", "img_size", "class_num", "use_text_conditioning", "llm_model_name",
-                           "max_text_len", "text_conditioning", "attn_dropout", "proj_dropout", "noise_scale", "P_mean", "P_std", "t_eps",
-                           "label_drop_prob")
-PRETRAINED_SAMPLER_FIELDS = ("sampling_method", "num_sampling_steps", "cfg", "interval_min", "interval_max")
+PRETRAINED_FIELDS = ("model", "img_size", "class_num", "use_text_conditioning", "llm_model_name", "max_text_len",
+                     "text_conditioning", "attn_dropout", "proj_dropout", "noise_scale", "P_mean", "P_std", "t_eps",
+                     "label_drop_prob") + SAMPLER_FIELDS
 
 
 def is_pretrained_folder(path):
@@ -202,14 +281,14 @@ def weights_description(ema_track):
     return "live weights" if ema_track == 0 else f"EMA track {ema_track}"
 
 
-def pretrained_config(args, text, text_encoder, ema_track, epoch, source):
+def pretrained_config(args, text, llm_fingerprint, ema_track, epoch, source):
     """config.json of an export: args is the training namespace (after defaults), text whether it is a -Text model,
-    text_encoder the checkpoint's LLM fingerprint (or None), ema_track 0 (live weights), 1 or 2."""
+    llm_fingerprint the checkpoint's caption LLM fingerprint (or None), ema_track 0 (live weights), 1 or 2."""
     config = {"format": PRETRAINED_FORMAT, "format_version": 1}
-    for name in PRETRAINED_MODEL_FIELDS + PRETRAINED_SAMPLER_FIELDS:
+    for name in PRETRAINED_FIELDS:
         config[name] = getattr(args, name)
         if name == "max_text_len":
-            config["text_encoder"] = text_encoder
+            config["text_encoder"] = llm_fingerprint
     config["use_text_conditioning"] = bool(text)
     if text:
         config["class_num"] = None
@@ -221,30 +300,15 @@ def pretrained_config(args, text, text_encoder, ema_track, epoch, source):
     return config
 
 
-def _write_atomically(path, write):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_pretrained(folder, state_dict, config):
     """Write <folder>/model.safetensors (state_dict as given: the Denoiser's net.* keys) and <folder>/config.json."""
     os.makedirs(folder, exist_ok=True)
     tensors = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
-    _write_atomically(os.path.join(folder, PRETRAINED_WEIGHTS),
-                      lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt"}))
-
-    def write_config(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-
-    _write_atomically(os.path.join(folder, PRETRAINED_CONFIG), write_config)
+    with misc.atomic_write(os.path.join(folder, PRETRAINED_WEIGHTS)) as tmp:
+        safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt"})
+    with misc.atomic_write(os.path.join(folder, PRETRAINED_CONFIG)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+        f.write("\n")
 
 
 def read_pretrained_config(folder):
@@ -260,16 +324,14 @@ def read_pretrained_config(folder):
         raise ValueError(f"{path}: not a valid JSON file ({e})") from None
     if not isinstance(config, dict) or config.get("format") != PRETRAINED_FORMAT:
         raise ValueError(f"{path}: not a JiT export (no \"format\": \"{PRETRAINED_FORMAT}\"; written by export.py)")
-    missing = [name for name in PRETRAINED_MODEL_FIELDS + PRETRAINED_SAMPLER_FIELDS + ("text_encoder", "weights")
-               if name not in config]
+    missing = [name for name in PRETRAINED_FIELDS + ("text_encoder", "weights") if name not in config]
     if missing:
         raise ValueError(f"{path}: field {missing[0]!r} is missing")
     return config
 
 
 def load_pretrained(denoiser, folder, config):
-    """Fill `denoiser` strictly from <folder>/model.safetensors (key and shape checks as for checkpoints). Both EMA
-    tracks get the same weights: an export holds one weight set, so ema_weights(k) samples from it for any k."""
+    """Fill the network strictly from <folder>/model.safetensors (key and shape checks as for checkpoints)."""
     path = os.path.join(folder, PRETRAINED_WEIGHTS)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file; an exported model folder holds {PRETRAINED_CONFIG} and "
@@ -278,8 +340,4 @@ def load_pretrained(denoiser, folder, config):
         state = safetensors.torch.load_file(path)
     except (safetensors.SafetensorError, OSError) as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-    check_text_encoder(denoiser, config["text_encoder"], os.path.join(folder, PRETRAINED_CONFIG))
-    check_state_dict(denoiser.state_dict(), state, path)
-    denoiser.load_state_dict(state, strict=True)
-    for track in (1, 2):
-        denoiser.load_ema_state_dict(track, state)
+    load_weights(denoiser, state, path, config["text_encoder"], os.path.join(folder, PRETRAINED_CONFIG))

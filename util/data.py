@@ -112,12 +112,12 @@ class _CheckDataset(Dataset):
         return _check_one(self.samples, index)
 
 
-def check_data(samples, on_bad, num_workers=2, progress=True):
+def check_data(samples, on_bad, num_workers=2, show_progress=True):
     """Decode every file once (--check_data). Returns the readable samples; stops with the list of bad files
     when on_bad is 'error'."""
-    from util.misc import progress as progress_bar
+    from util.misc import progress_bar
     loader = DataLoader(_CheckDataset(samples), batch_size=64, num_workers=num_workers, collate_fn=list)
-    problems = [p for batch in progress_bar(loader, desc="check_data", disable=not progress) for p in batch if p]
+    problems = [p for batch in progress_bar(loader, desc="check_data", disable=not show_progress) for p in batch if p]
     if problems and on_bad == "error":
         raise SystemExit(f"--check_data: {len(problems)} unreadable file(s); fix them or pass --on_bad_data skip:\n"
                          + "\n".join(problems))

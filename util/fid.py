@@ -153,9 +153,8 @@ def convert_fid_helper_weights(cache=None):
         return path
     state = map_fid_helper_to_torch_fidelity(load_fid_helper_script().state_dict())
     os.makedirs(cache, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: concurrent ranks never read a half-written file
+    with misc.atomic_write(path) as tmp:  # concurrent ranks never read a half-written file
+        torch.save(state, tmp)
     return path
 
 
@@ -270,6 +269,12 @@ def save_stats(path, stats):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "wb") as f:
         np.savez(f, mu=np.asarray(stats["mu"], np.float64), sigma=np.asarray(stats["sigma"], np.float64))
+
+
+def default_stats_path(img_size):
+    """fid_stats/jit_in{img_size}_stats.npz of this repository: ImageNet's statistics at the training crop."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fid_stats",
+                        f"jit_in{img_size}_stats.npz")
 
 
 def load_stats(path):

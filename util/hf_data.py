@@ -37,7 +37,7 @@ def is_hf_source(path):
 
 def load_split(source, split):
     """The `datasets.Dataset` of one split; one line starting with --data_path on failure."""
-    import datasets  # 0.6 s of CPU at every start: imported only when a Hugging Face data set is used
+    import datasets  # imported only when a Hugging Face data set is used: it costs every start CPU time
     where = f"--data_path {source}"
     try:
         if source.startswith(HF_PREFIX):
@@ -101,9 +101,8 @@ def pick_column(features, where, flag, given, what, *rules, cast=False):
 
 
 class ImageColumn:
-    """The image column of a split, read as stored (Image(decode=False)): {"bytes", "path"} per row, from the Arrow
-    column itself: the library's per-row formatting costs ~25 us, 15% of the loading of a 32 px PNG. Row i of a split
-    is entry i of its table: load_dataset and load_from_disk return splits without an indices mapping."""
+    """The image column of a split, read as stored ({"bytes", "path"} per row) from the Arrow column itself, without
+    the library's per-row formatting (README, Hugging Face); row i is entry i: splits come without an indices map."""
 
     def __init__(self, dataset, column, where):
         import datasets

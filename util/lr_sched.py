@@ -7,8 +7,8 @@ def learning_rate(epoch, args):
         return args.lr * epoch / args.warmup_epochs
     if args.lr_schedule == "constant":
         return args.lr
-    progress = (epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-8)
-    return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    fraction = (epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-8)
+    return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1.0 + math.cos(math.pi * fraction))
 
 
 def adjust_learning_rate(optimizer, epoch, args):

@@ -1,4 +1,4 @@
-"""Distributed setup, seeding and small helpers shared by main_jit.py and engine_jit.py."""
+"""Distributed set-up, devices, seeding, kernels, atomic writes, progress bars: small helpers of every tool."""
 import builtins
 import ctypes
 import datetime
@@ -6,6 +6,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import sys
 from contextlib import contextmanager
 
@@ -253,13 +254,8 @@ def cpus_per_process():
 
 
 def keep_freed_cpu_memory(device):
-    """On a CPU device, make glibc keep freed memory for reuse instead of returning it to the OS.
-
-    glibc serves blocks above 32 MB (a JiT-B/16 batch-8 SwiGLU activation is 38 MB) with mmap and unmaps them when
-    freed, so each step page-faults and zeroes those activations again (JiT-B/16 batch 8: 20-50K page faults per
-    step in steady state, seconds of system time in the first steps; none with this). With mmap off and no
-    trimming, the heap keeps them, as CUDA's caching allocator does on a GPU. Returns whether the setting applied
-    (False for other devices and off glibc, e.g. macOS: nothing changes there)."""
+    """On a CPU device, make glibc keep freed blocks for reuse, as CUDA's caching allocator does, instead of unmapping
+    those above 32 MB (a step's largest activations) at every free (README, Benchmark). Returns whether it applied."""
     if device.type != "cpu":
         return False
     try:
@@ -308,6 +304,26 @@ def autocast(device, precision):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+def configure_kernels(args, device):
+    """--compile's default, on for CUDA only (a CPU run would pay minutes of compilation), and on CUDA cuDNN's
+    autotuner for the patch embedding's convolutions, as the release; TF32 stays at torch's defaults."""
+    if args.compile is None:
+        args.compile = device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def compile_network(net, backend="inductor"):
+    """torch.compile each JiTBlock and the FinalLayer in place (state_dict unchanged), as the release; the condition
+    embedder (a -Text caption lookup's .tolist()) stays eager. Dynamic sizes: only a batch of 1 compiles anew."""
+    # the release's cache_size_limit: all blocks share one code object, with an entry per variant (training or
+    # sampling, dropout or not, tokens before or after the in-context ones, ...)
+    torch._dynamo.config.recompile_limit = 128
+    torch._dynamo.config.optimize_ddp = False  # as the release; DDP wraps the compiled blocks (main), never traced
+    for module in [*net.blocks, net.final_layer]:
+        module.compile(backend=backend, dynamic=True)
+
+
 def param_groups_weight_decay(model, weight_decay):
     """AdamW groups: no weight decay for biases and 1-D tensors (norm weights); frozen tensors left out."""
     decay, no_decay = [], []
@@ -320,8 +336,7 @@ def param_groups_weight_decay(model, weight_decay):
 
 def build_optimizer(model, lr, weight_decay, device):
     """The release's AdamW (betas 0.9, 0.95, no decay on biases and norms), with torch's fused kernel on the devices
-    that have one: one kernel per parameter instead of a dozen elementwise passes (JiT-B/16 on a CPU: ~0.2 s ->
-    0.06 s per step)."""
+    that have one: one kernel per parameter instead of a dozen elementwise passes (README, Benchmark)."""
     return torch.optim.AdamW(param_groups_weight_decay(model, weight_decay), lr=lr, betas=(0.9, 0.95),
                              fused=device.type in ("cuda", "cpu", "mps"))
 
@@ -332,6 +347,43 @@ def cache_dir():
     if os.environ.get("JIT_CACHE_DIR"):
         return os.environ["JIT_CACHE_DIR"]
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jit")
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY if os.path.isdir(path) else os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_write(path, sync_folder=False):
+    """Yields a temporary path beside `path` to write a file (or folder) to; it is then fsynced and renamed over
+    `path`, so readers and crashes see the old or the new one, never a torn one. Removed if the block fails."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        yield tmp
+        if os.path.isdir(tmp):
+            try:  # a folder's entries, where the system allows opening a folder (not Windows)
+                _fsync(tmp)
+            except OSError:
+                pass
+        else:
+            _fsync(tmp)  # the data on disk before the new name points at it
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.lexists(tmp):
+            os.remove(tmp)
+        raise
+    if sync_folder:
+        try:  # the rename itself made durable; a folder that cannot be fsynced (some network file systems,
+            # Windows) must not turn a completed write into a reported failure
+            _fsync(os.path.dirname(os.path.abspath(path)))
+        except OSError:
+            pass
 
 
 # Redirected output (SLURM, `> log`): one progress line a minute at most, not a redraw per sampling step.
@@ -354,7 +406,7 @@ class _OneLinePerReport:
         self.stream.flush()
 
 
-def progress(iterable=None, file=None, **kwargs):
+def progress_bar(iterable=None, file=None, **kwargs):
     """tqdm for every progress bar of the repository: redrawn live on a terminal; into a file or a pipe at most one
     line per PROGRESS_INTERVAL_S (plus the first and the last), each on its own line. JIT_PROGRESS=live keeps the
     live redraw through a pipe (demo.py sets it when its own output is a terminal: it forwards its stages' output)."""

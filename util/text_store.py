@@ -21,8 +21,8 @@ a rerun embeds only what is still missing.
 
 Exactness: a row read from the store is bit for bit the row written, whoever reads it, so training and sampling see
 the same features for a caption as long as both go through the store (sample.py and evaluation prompts do). The LLM
-features themselves depend on the batch a caption was embedded in by float rounding of the LLM's kernels (up to
-~3e-7 absolute in float32 on a CPU measured, more in bfloat16 on GPUs): computing them again on the fly would differ.
+features themselves depend on the batch a caption was embedded in, by float rounding of the LLM's kernels (README,
+Caption feature store): computing them again on the fly would differ.
 """
 import hashlib
 import json
@@ -60,11 +60,9 @@ def store_folder(llm, root, device="cpu"):
     return os.path.join(root, f"{name}-{llm.conditioning}-len{llm.max_text_len}-{digest}")
 
 
-def _atomic_write_json(path, data):
-    tmp = f"{path}.tmp.{uuid.uuid4().hex}"
-    with open(tmp, "w", encoding="utf-8") as f:
+def _write_json(path, data):
+    with misc.atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, ensure_ascii=False)
-    os.replace(tmp, path)
 
 
 class CaptionStore:
@@ -79,11 +77,11 @@ class CaptionStore:
         meta_path = os.path.join(self.folder, "store.json")
         os.makedirs(self.folder, exist_ok=True)
         if not os.path.isfile(meta_path):
-            _atomic_write_json(meta_path, self.meta)  # several ranks may race here: they write the same content
+            _write_json(meta_path, self.meta)
         with open(meta_path, encoding="utf-8") as f:
             theirs = json.load(f)
         if theirs != self.meta:
-            raise ValueError(f"{self.folder}: caption store of another text encoder ({theirs.get('fingerprint')}, "
+            raise ValueError(f"{self.folder}: caption store of another LLM ({theirs.get('fingerprint')}, "
                              f"{theirs.get('compute_dtype')}), not of {self.meta['fingerprint']} "
                              f"({self.meta['compute_dtype']}); remove it or use another --text_cache_dir")
         self._shards = []  # shard file names; a location is (shard index, caption index in the shard)
@@ -125,14 +123,14 @@ class CaptionStore:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
         if metadata.get("fingerprint") != self.meta["fingerprint"]:
-            raise ValueError(f"{path}: shard of another text encoder ({metadata.get('fingerprint')}); remove it")
+            raise ValueError(f"{path}: shard of another LLM ({metadata.get('fingerprint')}); remove it")
         return json.loads(metadata["captions"])
 
     def write_index(self):
         """index.json of every shard now in the folder (rank 0, after the others wrote their shards)."""
         self.refresh()
         shards = [{"file": name, "captions": captions} for name, captions in zip(self._shards, self._shard_captions_list)]
-        _atomic_write_json(os.path.join(self.folder, "index.json"), {**self.meta, "shards": shards})
+        _write_json(os.path.join(self.folder, "index.json"), {**self.meta, "shards": shards})
 
     def __len__(self):
         return len(self._where)
@@ -167,19 +165,18 @@ class CaptionStore:
         features = torch.cat(rows).to(torch.float16)
         name = f"shard-{self._writer}-{self._written:05d}.safetensors"
         self._written += 1
-        path = os.path.join(self.folder, name)
-        tmp = os.path.join(self.folder, f".tmp-{name}")
-        save_file({"features": features, "offsets": torch.from_numpy(offsets).to(torch.int64)}, tmp,
-                  metadata={"fingerprint": self.meta["fingerprint"], "captions": json.dumps(captions, ensure_ascii=False)})
-        os.replace(tmp, path)
+        with misc.atomic_write(os.path.join(self.folder, name)) as tmp:
+            save_file({"features": features, "offsets": torch.from_numpy(offsets).to(torch.int64)}, tmp,
+                      metadata={"fingerprint": self.meta["fingerprint"],
+                                "captions": json.dumps(captions, ensure_ascii=False)})
         self._add_shard(name, captions)
 
-    def embed(self, llm, captions, batch_size=64, shard_bytes=SHARD_BYTES, progress=True):
+    def embed(self, llm, captions, batch_size=64, shard_bytes=SHARD_BYTES, show_progress=True):
         """Run the loaded LLM on `captions` (distinct, not yet stored) in batches; write a shard every shard_bytes.
         Returns (captions longer than llm.max_text_len tokens, the longest in tokens): the LLM reads only the first."""
         pending_captions, pending_rows, pending_bytes = [], [], 0
         truncated, longest = 0, 0
-        with misc.progress(total=len(captions), desc="embedding captions", unit="caption", disable=not progress) as bar:
+        with misc.progress_bar(total=len(captions), desc="embedding captions", unit="caption", disable=not show_progress) as bar:
             for start in range(0, len(captions), batch_size):
                 chunk = captions[start:start + batch_size]
                 rows = llm.features(chunk)
@@ -204,22 +201,6 @@ class CaptionStore:
             self._write_shard(pending_captions, pending_rows)
         return truncated, longest
 
-    def import_legacy_cache(self, llm, root):
-        """Rows of the single-file cache of earlier versions (<root>/text_features_<key>.pt, float32 pooled
-        features), stored as a shard and the file renamed *.migrated, so they are not computed again."""
-        key = f"{llm.fingerprint()}|{self.meta['compute_dtype']}|v1"
-        path = os.path.join(root, f"text_features_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt")
-        if llm.conditioning != "pooled" or not os.path.isfile(path):
-            return 0
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        if data.get("fingerprint") != llm.fingerprint():
-            return 0
-        new = [(c, f) for c, f in zip(data["captions"], data["features"]) if c not in self._where]
-        if new:
-            self._write_shard([c for c, _ in new], [f.view(1, -1) for _, f in new])
-        os.replace(path, path + ".migrated")
-        return len(new)
-
 
 def _barrier():
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -239,7 +220,8 @@ def report_truncated(counts, embedded, max_text_len):
               f"{longest}): the LLM reads only their first {max_text_len}")
 
 
-def build_store(llm, captions, root=None, device="cpu", batch_size=64, shard_bytes=SHARD_BYTES, progress=True):
+def build_store(llm, captions, root=None, device="cpu", batch_size=64, shard_bytes=SHARD_BYTES,
+                show_progress=True):
     """The CaptionStore of `llm` (a CaptionLLM, frozen) under root (default_root()) holding every caption; the missing
     ones are embedded first on `device`, split across the ranks of a torch.distributed group (every rank must call
     this), and captions the LLM reads only in part are reported (report_truncated). A rank loads the LLM's weights
@@ -249,19 +231,20 @@ def build_store(llm, captions, root=None, device="cpu", batch_size=64, shard_byt
     if bad:
         raise TypeError(f"captions must be strings, got {type(bad[0]).__name__}: {bad[0]!r}")
     root = default_root() if root is None else str(root)
-    store = CaptionStore(store_folder(llm, root, device), llm, device)
     rank, world_size = misc.get_rank(), misc.get_world_size()
-    if rank == 0 and store.import_legacy_cache(llm, root):
-        store.write_index()
-    _barrier()
-    store.refresh()
+    if rank != 0:
+        _barrier()  # rank 0 creates the store (its store.json) first: the others then only read it
+    store = CaptionStore(store_folder(llm, root, device), llm, device)
+    if rank == 0:
+        _barrier()
     missing = store.missing(captions)
     _barrier()  # every rank has its list of missing captions before any rank adds a shard (the shares must agree)
     share = missing[rank::world_size]
     counts = (0, 0)
     if share:
         with llm.loaded(device):
-            counts = store.embed(llm, share, batch_size=batch_size, shard_bytes=shard_bytes, progress=progress)
+            counts = store.embed(llm, share, batch_size=batch_size, shard_bytes=shard_bytes,
+                                 show_progress=show_progress)
     report_truncated(counts, len(missing), llm.max_text_len)
     if rank == 0 and (missing or store.unindexed):
         store.write_index()
