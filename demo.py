@@ -38,75 +38,15 @@ import shutil
 import sys
 import time
 
+from util.digits import IMG_SIZE, NUM_CLASSES, materialise_digits
 from util.stages import fmt_time, read_scalars, run, stage, start
 
-CAPTION_JA = "手書きの数字{}"
-CAPTION_EN = "a handwritten digit {}"
-IMG_SIZE = 32
-NUM_CLASSES = 10
 DEFAULT_EPOCHS = 16
 VAL_FRACTION = 0.1  # held out of training (a fixed hash split): the validation loss printed and logged every epoch
 # --quick: JiT-T/4 at 16 px (the 8 x 8 digits stay whole at a quarter of 32 px's cost), 50 digits per class, 8 epochs
 # of 14 steps of 32 images at lr 2e-3 without warm-up, evaluated with an EMA of decay 0.95 (0.99 is still mostly the
 # initial weights after 112 steps), Heun 5 steps: enough for digit-like shapes and a clear FID drop in about a minute
 QUICK = dict(img_size=16, per_class=50, epochs=8, batch=32, lr="2e-3", warmup=0, ema=0.95, steps=5, ref=40, fid=20)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 1. data
-
-
-def digit_image(pixels_8x8):
-    """A scikit-learn digit (8 x 8 floats 0..16, 16 = ink) as a 32 x 32 RGB PIL image: dark ink on white."""
-    import numpy as np
-    from PIL import Image
-
-    gray = (255 - np.asarray(pixels_8x8, dtype=np.float64) / 16 * 255).round().clip(0, 255).astype(np.uint8)
-    return Image.fromarray(gray, mode="L").resize((IMG_SIZE, IMG_SIZE), Image.BICUBIC).convert("RGB")
-
-
-def caption_of(index, digit):
-    """Captions alternate between Japanese (even index) and English (odd index)."""
-    return (CAPTION_JA if index % 2 == 0 else CAPTION_EN).format(digit)
-
-
-def materialise_digits(out_dir, per_class=None):
-    """Write the digits as <out_dir>/digits/train/<digit>/digit_XXXX.png and <out_dir>/digits_captioned/{images,
-    captions}/digit_XXXX.{png,txt}; per_class keeps only the first images of each digit. Idempotent: a folder
-    holding a complete copy (marker file .complete with the image count) is left alone.
-    Returns (imagefolder root, captioned root, number of images, written: bool)."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    seen = [0] * NUM_CLASSES
-    chosen = []
-    for index, digit in enumerate(digits.target.tolist()):
-        if per_class is None or seen[digit] < per_class:
-            seen[digit] += 1
-            chosen.append(index)
-    folder_root = os.path.join(out_dir, "digits")
-    captioned_root = os.path.join(out_dir, "digits_captioned")
-    marker = f"{len(chosen)} images\n"
-    markers = [os.path.join(root, ".complete") for root in (folder_root, captioned_root)]
-    if all(os.path.isfile(m) and open(m).read() == marker for m in markers):
-        return folder_root, captioned_root, len(chosen), False
-
-    for digit in range(NUM_CLASSES):
-        os.makedirs(os.path.join(folder_root, "train", str(digit)), exist_ok=True)
-    os.makedirs(os.path.join(captioned_root, "images"), exist_ok=True)
-    os.makedirs(os.path.join(captioned_root, "captions"), exist_ok=True)
-    for index in chosen:
-        digit = int(digits.target[index])
-        image = digit_image(digits.images[index])
-        stem = f"digit_{index:04d}"
-        image.save(os.path.join(folder_root, "train", str(digit), stem + ".png"))
-        image.save(os.path.join(captioned_root, "images", stem + ".png"))
-        with open(os.path.join(captioned_root, "captions", stem + ".txt"), "w", encoding="utf-8") as f:
-            f.write(caption_of(index, digit) + "\n")
-    for m in markers:
-        with open(m, "w") as f:
-            f.write(marker)
-    return folder_root, captioned_root, len(chosen), True
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
     python gpu_check.py --device cpu    # the same checks at CPU sizes, with gloo (what CI runs)
 
 Each check runs command lines of the repository's own tools (main_jit.py under python -m torch.distributed.run,
-sample.py, bench.py, prepare_ref.py, python -m util.llm) on demo.py's digits, written here without download, then
+sample.py, bench.py, prepare_ref.py, python -m util.llm) on the demos' digits (util/digits.py), written here without download, then
 asserts on what the tools wrote: checkpoints, the FID line and its TensorBoard scalar, PNGs, the caption store,
 bench.py's JSON record. A failing check prints the tail of its log; the script then exits with status 1.
 """
@@ -28,13 +28,15 @@ import psutil
 import torch
 from PIL import Image
 
-import demo
 import util.misc as misc
+from engine_jit import read_evaluations
 from text_conditioning import CaptionLLM
 from text_image_dataset import TextImageDataset
 from util import fid
 from util.checkpoint import continue_point, read_checkpoint
+from util.digits import materialise_digits
 from util.llm import check_llm_folder
+from util.stages import fmt_time, read_scalars, shown
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
@@ -172,10 +174,10 @@ class Checker:
         a non-zero exit or after TIMEOUT_S; kill_when(output so far) true: the command is SIGKILLed, which is then
         expected (self.killed)."""
         cmd = [str(c) for c in cmd]
-        self.commands.append(demo.shown(cmd))
+        self.commands.append(shown(cmd))
         lines = []
         with open(self.log, "a", encoding="utf-8") as log:
-            log.write(f"$ {demo.shown(cmd)}\n")
+            log.write(f"$ {shown(cmd)}\n")
             log.flush()
             start = time.time()
             proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -210,7 +212,7 @@ class Checker:
             self.peak_gpu_gib = max(self.peak_gpu_gib or 0.0, memory.gib)
         output = "".join(lines)
         expect(not timed_out, f"still running after {TIMEOUT_S} s: killed")
-        expect(self.killed or proc.returncode == 0, f"exit status {proc.returncode}: {demo.shown(cmd)}")
+        expect(self.killed or proc.returncode == 0, f"exit status {proc.returncode}: {shown(cmd)}")
         return output
 
     def check(self, key, title, function, needs=()):
@@ -300,18 +302,20 @@ class Checker:
         note = f" (no native bf16 on {fp32_gpu.group(1)})" if fp32_gpu else ""
         return f"{saved_args.precision}{note}, {'compiled' if saved_args.compile else 'eager'}"
 
-    def check_fid(self, log, output_dir, epoch):
-        """The FID line of the evaluation after `epoch` (finite, positive) and the TensorBoard scalar holding it."""
-        try:
-            value, tag, grid = demo.parse_evaluation(log)
-        except SystemExit:
-            raise CheckFailed("no FID line in the output") from None
-        expect(tag == f"epoch{epoch}_cfg{CFG:g}_ema2", f"evaluation tag {tag}, expected epoch{epoch}_cfg{CFG:g}_ema2")
+    def check_fid(self, output_dir, epoch):
+        """The evaluation record of `epoch` in output_dir's evaluations.jsonl (finite, positive FID, its grid) and the
+        TensorBoard scalar holding the same FID."""
+        records = [r for r in read_evaluations(output_dir) if r["epoch"] == epoch]
+        expect(records, f"no evaluation of epoch {epoch} recorded in {output_dir}/evaluations.jsonl")
+        record = records[-1]
+        expect((record["cfg"], record["ema"]) == (CFG, 2), f"evaluated cfg {record['cfg']} ema {record['ema']}, "
+                                                           f"expected cfg {CFG:g} ema 2")
+        value = record["fid"]
         expect(math.isfinite(value) and value > 0, f"FID {value}")
-        logged = demo.read_scalars(output_dir, f"fid_cfg{CFG:g}_ema2")
+        logged = read_scalars(output_dir, f"fid_cfg{CFG:g}_ema2")
         expect(logged and logged[-1][0] == epoch and math.isclose(logged[-1][1], value, rel_tol=1e-4, abs_tol=1e-3),
-               f"TensorBoard fid_cfg{CFG:g}_ema2 {logged}, printed FID {value} at epoch {epoch}")
-        expect(os.path.isfile(grid), f"no sample grid {grid}")
+               f"TensorBoard fid_cfg{CFG:g}_ema2 {logged}, recorded FID {value} at epoch {epoch}")
+        expect(os.path.isfile(record["grid"]), f"no sample grid {record['grid']}")
         return value
 
 
@@ -378,15 +382,15 @@ def train_two_ranks(c):
     checkpoint = read_checkpoint(os.path.join(output_dir, "checkpoint-last.pth"))
     expect(len(checkpoint["resume_state"]["rng"]) == 2, "the checkpoint does not hold both ranks' RNG states")
     return {"launch": c.check_launch(log, 2), "settings": c.check_settings(checkpoint["args"], log),
-            "img_per_s": median_rate(log), "fid": c.check_fid(log, output_dir, 0)}
+            "img_per_s": median_rate(log), "fid": c.check_fid(output_dir, 0)}
 
 
 def evaluate_gen(c):
     output_dir = c.path("evaluate")
     images = c.sizes["fid_images"]
-    log = c.run([PY, "main_jit.py", *c.model_flags(), "--evaluate_gen", "--resume", c.path("train"), "--output_dir",
-                 output_dir, *c.evaluation_flags(), "--save_png"])
-    value = c.check_fid(log, output_dir, EPOCHS - 1)
+    c.run([PY, "main_jit.py", *c.model_flags(), "--evaluate_gen", "--resume", c.path("train"), "--output_dir",
+           output_dir, *c.evaluation_flags(), "--save_png"])
+    value = c.check_fid(output_dir, EPOCHS - 1)
     names = os.listdir(os.path.join(output_dir, f"images_epoch{EPOCHS - 1}_cfg{CFG:g}_ema2"))
     classes = Counter(re.fullmatch(r"\d{6}_class(\d)\.png", name).group(1) for name in names)
     expect(classes == Counter({str(k): images // 10 for k in range(10)}),
@@ -412,7 +416,7 @@ def smollm2_folder(c):
     folder = os.path.join(misc.cache_dir(), "smollm2-135m")
     command = [PY, "-m", "util.llm", "--out", folder]
     if os.path.isfile(os.path.join(folder, "config.json")):
-        c.commands.append(demo.shown(command))
+        c.commands.append(shown(command))
         figures = {"llm": f"cached in {folder} (not converted again)"}
     else:
         c.run(command)
@@ -515,7 +519,7 @@ def print_table(rows, seconds, out):
         for command in row["commands"]:
             print(f"    $ {command}")
     counts = Counter(row["result"] for row in rows)
-    print(f"\n{counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped in {demo.fmt_time(seconds)}; "
+    print(f"\n{counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped in {fmt_time(seconds)}; "
           f"outputs, logs and gpu_check.json in {out}")
 
 
@@ -559,7 +563,7 @@ def main(argv=None):
     start = time.time()
     checker = Checker(args.device, out, llm)
     sizes = checker.sizes
-    checker.digits, checker.captioned, count, _ = demo.materialise_digits(checker.path("data"), sizes["per_class"])
+    checker.digits, checker.captioned, count, _ = materialise_digits(checker.path("data"), sizes["per_class"])
     print(f"gpu_check.py on {args.device}" + (f" ({checker.gpus} GPU(s) visible)" if args.device == "cuda" else "")
           + f": {count} digits at {sizes['img_size']} px, batch {sizes['batch']} per rank; writing {out}", flush=True)
     for key, title, function, needs in CHECKS:

@@ -12,6 +12,7 @@ from torchvision import datasets
 
 import demo
 from text_image_dataset import TextImageDataset
+from util.digits import materialise_digits
 from util.stages import read_scalars
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def digits_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    folder_root, captioned_root, count, written = demo.materialise_digits(str(out))
+    folder_root, captioned_root, count, written = materialise_digits(str(out))
     assert written and count == 1797
     return out
 
@@ -73,10 +74,10 @@ def test_captioned_layout_with_japanese_and_english(digits_dir):
 def test_materialisation_is_idempotent_and_subsets(digits_dir, tmp_path):
     marker = digits_dir / "digits" / ".complete"
     before = os.path.getmtime(digits_dir / "digits" / "train" / "5" / "digit_0005.png")
-    assert demo.materialise_digits(str(digits_dir))[3] is False
+    assert materialise_digits(str(digits_dir))[3] is False
     assert os.path.getmtime(digits_dir / "digits" / "train" / "5" / "digit_0005.png") == before
     assert marker.read_text() == "1797 images\n"
-    _, _, count, written = demo.materialise_digits(str(tmp_path), per_class=3)
+    _, _, count, written = materialise_digits(str(tmp_path), per_class=3)
     assert written and count == 30
     assert all(len(os.listdir(tmp_path / "digits" / "train" / str(d))) == 3 for d in range(10))
 

@@ -10,7 +10,8 @@ import sample
 from util.args import SAMPLER_FIELDS, SAMPLING_METHODS, get_args_parser, given_flags, training_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENTRY_POINTS = {"main_jit", "sample", "export", "bench", "prepare_data", "prepare_ref", "demo", "demo_text"}
+ENTRY_POINTS = {"main_jit", "sample", "export", "bench", "prepare_data", "prepare_ref", "demo", "demo_text",
+                "gpu_check"}
 
 
 def imported_modules(path):

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 import util.misc as misc
-from demo import materialise_digits
+from util.digits import materialise_digits
 from denoiser import Denoiser
 from engine_jit import evaluate, train_one_epoch
 from util.args import get_args_parser

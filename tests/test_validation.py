@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import demo
 from denoiser import Denoiser
 from engine_jit import validation_loss
 from util.args import check_config, get_args_parser
 from util.datasets import build_dataset, build_val_loader, build_val_set, setup_captions, shift_val_caption_ids
+from util.digits import materialise_digits
 from util.checkpoint import read_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -201,7 +201,7 @@ def test_training_rng_and_resume_unaffected(folders, tmp_path):
 @pytest.mark.slow
 def test_falls_in_a_short_training_run_printed_and_in_tensorboard(tmp_path):
     """JiT-T/4 on 200 scikit-learn digits, 40 held out: 3 epochs of 10 steps (fp32)."""
-    folder, _, _, _ = demo.materialise_digits(str(tmp_path / "digits"), per_class=20)
+    folder, _, _, _ = materialise_digits(str(tmp_path / "digits"), per_class=20)
     out = tmp_path / "out"
     log = run([sys.executable, "main_jit.py", "--model", "JiT-T/4", "--img_size", "32", "--class_num", "10",
                "--device", "cpu", "--precision", "fp32", "--num_workers", "0", "--data_path", folder,
