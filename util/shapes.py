@@ -142,12 +142,11 @@ SEEN_EVALUATED = [(c, s, p) for (i, c), (j, s), (k, p)
                   if (i + j + k) % 4 == 3]
 
 
-def evaluation_prompts(num_seen=len(SEEN_EVALUATED), num_held_out=len(HELD_OUT)):
-    """[(prompt, combination, split)] with split 'seen' or 'held-out': the first num_seen of SEEN_EVALUATED and the
-    first num_held_out of HELD_OUT, each in Japanese then English."""
-    seen = SEEN_EVALUATED[:num_seen]
+def evaluation_prompts():
+    """[(prompt, combination, split)] with split 'seen' or 'held-out': SEEN_EVALUATED, then HELD_OUT, each in Japanese
+    then English."""
     return [(caption(*combo, language), combo, split)
-            for split, combos in (("seen", seen), ("held-out", HELD_OUT[:num_held_out]))
+            for split, combos in (("seen", SEEN_EVALUATED), ("held-out", HELD_OUT))
             for combo in combos for language in ("ja", "en")]
 
 
