@@ -15,6 +15,7 @@ install: $(PY)
 # two pytest workers with one thread each: the tiny test models barely use a second thread, while two workers
 # with two threads each oversubscribe 2 cores (the whole suite: ~8 min this way, ~19 min in one process)
 test: install
+	$(PY) -m pip install --quiet -r requirements-test.txt
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests -q -n 2 --durations=15
 
 demo: install

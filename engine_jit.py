@@ -47,7 +47,7 @@ def train_step(model, model_without_ddp, optimizer, x, labels, precision):
     return loss.detach()
 
 
-def train_one_epoch(model, model_without_ddp, data_loader, optimizer, device, epoch, log_writer, args,
+def train_one_epoch(model, model_without_ddp, data_loader, optimizer, device, epoch, run_log, args,
                     start_step=0, stop_requests=None):
     """Train from step start_step of the epoch until its end, or until the ranks agree (stop_requests, polled after
     every step) to save: returns (why, next_step), why being "done", "save" (--save_every_minutes) or "preempted"."""
@@ -76,10 +76,10 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, device, ep
             eta = datetime.timedelta(seconds=int(steps_left * elapsed / interval_steps))
             print(f"Epoch [{epoch}] [{step + 1}/{steps_per_epoch}] loss {mean_loss:.6f} lr {lr:.3e} "
                   f"{images_per_s:.1f} img/s ETA {eta}")
-            if log_writer is not None:
+            if run_log is not None:
                 global_step = epoch * steps_per_epoch + step + 1
-                log_writer.add_scalar("train_loss", mean_loss, global_step)
-                log_writer.add_scalar("lr", lr, global_step)
+                run_log.scalar("train_loss", mean_loss, global_step)
+                run_log.scalar("lr", lr, global_step)
             loss_sum.zero_()
             interval_start, interval_steps = time.time(), 0
         if stop_requests is not None:
@@ -122,13 +122,13 @@ def validation_loss(model_without_ddp, data_loader, device, args):
     return (sums[0] / sums[1]).item(), int(sums[1].item())
 
 
-def validate(model_without_ddp, data_loader, device, epoch, log_writer, args, global_step):
+def validate(model_without_ddp, data_loader, device, epoch, run_log, args, global_step):
     """validation_loss, printed and logged to TensorBoard as val_loss at the training step it follows."""
     start = time.time()
     loss, count = validation_loss(model_without_ddp, data_loader, device, args)
     print(f"Epoch [{epoch}] val_loss {loss:.6f} ({count} validation images, {time.time() - start:.1f} s)")
-    if log_writer is not None:
-        log_writer.add_scalar("val_loss", loss, global_step)
+    if run_log is not None:
+        run_log.scalar("val_loss", loss, global_step)
     return loss
 
 
@@ -179,10 +179,10 @@ def read_evaluations(output_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def evaluate(model_without_ddp, args, epoch, log_writer, device, inception, ref_stats, label_ids, cfg=None,
+def evaluate(model_without_ddp, args, epoch, run_log, device, inception, ref_stats, label_ids, cfg=None,
              ema_track=None):
     """FID (against ref_stats) and IS of num_images samples cycling through label_ids, with an EMA track; on rank 0
-    printed, logged to TensorBoard and appended to evaluations.jsonl. --save_png writes the images (README)."""
+    printed, logged (TensorBoard, W&B) and appended to evaluations.jsonl. --save_png writes the images (README)."""
     cfg = args.cfg if cfg is None else cfg
     ema_track = args.eval_ema if ema_track is None else ema_track
     rank, world_size = misc.get_rank(), misc.get_world_size()
@@ -228,19 +228,21 @@ def evaluate(model_without_ddp, args, epoch, log_writer, device, inception, ref_
     print(f"[{tag}] {fid.format_metrics(metrics, len(pool_features), grid_path)}")
     append_evaluation(args.output_dir, {"epoch": epoch, "cfg": cfg, "ema": ema_track, "num_images": len(pool_features),
                                         **metrics, "grid": grid_path, "images": png_dir})
-    if log_writer is not None:
-        log_writer.add_scalar(f"fid_cfg{cfg:g}_ema{ema_track}", metrics["fid"], epoch)
+    if run_log is not None:
+        run_log.epoch_scalar(f"fid_cfg{cfg:g}_ema{ema_track}", metrics["fid"], epoch)
         if metrics["inception_score"] is not None:
-            log_writer.add_scalar(f"is_cfg{cfg:g}_ema{ema_track}", metrics["inception_score"], epoch)
+            run_log.epoch_scalar(f"is_cfg{cfg:g}_ema{ema_track}", metrics["inception_score"], epoch)
+        run_log.epoch_image(f"samples_cfg{cfg:g}_ema{ema_track}", grid_path, epoch,
+                            caption=f"epoch {epoch}, cfg {cfg:g}, EMA {ema_track}: FID {metrics['fid']:.2f}")
     return metrics
 
 
-def evaluate_sweep(model_without_ddp, args, epoch, log_writer, device, inception, ref_stats, label_ids):
+def evaluate_sweep(model_without_ddp, args, epoch, run_log, device, inception, ref_stats, label_ids):
     """Evaluate every (cfg, EMA track) pair of --sweep_cfg x --sweep_ema (defaults: --cfg x --eval_ema)."""
     results = []
     for ema_track in args.sweep_ema or [args.eval_ema]:
         for cfg in args.sweep_cfg or [args.cfg]:
-            metrics = evaluate(model_without_ddp, args, epoch, log_writer, device, inception, ref_stats, label_ids, cfg,
+            metrics = evaluate(model_without_ddp, args, epoch, run_log, device, inception, ref_stats, label_ids, cfg,
                                ema_track)
             results.append((cfg, ema_track, metrics))
     if misc.is_main_process() and len(results) > 1:

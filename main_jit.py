@@ -9,7 +9,6 @@ if __name__ == "__main__":
     exit_during_startup()  # before the slow imports and data scanning: a SIGTERM then exits 75 (requeue), not 143
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
 
 import util.misc as misc
 from denoiser import Denoiser
@@ -21,7 +20,9 @@ from util.checkpoint import (check_resume_compatible, choose_checkpoint, continu
                              read_on_every_rank, remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
 from util.data import UnreadableImage
 from util.datasets import build_train_loader, build_val_loader, training_data
+from util.finetune import finetune
 from util.preemption import PREEMPTED_EXIT_CODE, StopRequests
+from util.tracking import RunLog
 
 
 def load_fid_stats(args):
@@ -35,12 +36,17 @@ def load_fid_stats(args):
 
 
 def resume(args, model_without_ddp, optimizer, path):
-    """Load checkpoint `path` (None: a fresh start); returns the (epoch, step) to continue at: ours carry their
-    mid-epoch position and every rank's RNG states (resume_state), official ones continue at the next epoch."""
+    """Load checkpoint `path` (None: a fresh start, or --finetune's weights); returns the (epoch, step) to continue at
+    (ours carry their mid-epoch position and every rank's RNG states, official ones continue at the next epoch) and
+    the W&B run the checkpoint's run logged to (None: none, or only evaluating)."""
     if path is None:
         if args.evaluate_gen:
             print(f"--evaluate_gen without --resume: evaluating the initial (untrained) weights of --seed {args.seed}")
-        return args.start_epoch, 0
+        elif args.finetune:
+            finetune(args, model_without_ddp)
+        return args.start_epoch, 0, None
+    if args.finetune and not args.evaluate_gen:
+        print(f"--finetune {args.finetune} not used: continuing the run of {path}")
     checkpoint = read_on_every_rank(path)  # once: it holds the weights, both EMA tracks and the optimizer state
     try:
         check_resume_compatible(args, path, checkpoint.get("args"))
@@ -50,7 +56,7 @@ def resume(args, model_without_ddp, optimizer, path):
     epoch, step = continue_point(checkpoint)
     if args.evaluate_gen:
         print(f"evaluating {path} (epoch {checkpoint['epoch']})")
-        return epoch, step
+        return epoch, step, None
     if "optimizer" in checkpoint:
         optimizer.load_state_dict(checkpoint["optimizer"])
     state = checkpoint.get("resume_state")
@@ -60,7 +66,7 @@ def resume(args, model_without_ddp, optimizer, path):
         else:
             print(f"world size changed ({len(state['rng'])} -> {misc.get_world_size()}): RNG streams restart")
     print(f"resumed from {path} (epoch {checkpoint['epoch']}); continuing at epoch {epoch} step {step}")
-    return epoch, step
+    return epoch, step, getattr(checkpoint.get("args"), "wandb_id", None)  # none in older and official checkpoints
 
 
 def save_for_resume(args, model_without_ddp, optimizer, stop_requests, epoch, next_step, steps_per_epoch,
@@ -129,7 +135,6 @@ def main(args):
     misc.configure_kernels(args, device)
     misc.keep_freed_cpu_memory(device)
     misc.seed_everything(args.seed + misc.get_rank())
-    log_writer = SummaryWriter(log_dir=args.output_dir) if misc.is_main_process() else None
     if misc.is_main_process():
         remove_stale_temporaries(args.output_dir)
 
@@ -148,7 +153,11 @@ def main(args):
     if not args.evaluate_gen:
         print(f"lr {args.lr:.2e} (blr {args.blr:.2e}, effective batch {eff_batch_size})")
     optimizer = misc.build_optimizer(model_without_ddp, args.lr, args.weight_decay, device)
-    start_epoch, start_step = resume(args, model_without_ddp, optimizer, checkpoint_path)
+    start_epoch, start_step, wandb_id = resume(args, model_without_ddp, optimizer, checkpoint_path)
+    run_log = None
+    if misc.is_main_process():
+        run_log = RunLog(args, wandb_id)
+        args.wandb_id = run_log.wandb_id  # saved with the args in every checkpoint: a resumed run continues its W&B run
     if args.evaluate_gen and checkpoint_path is None and args.distributed:  # every rank samples rank 0's init
         broadcast_from_rank0([p.data for p in model.parameters()] + [t for track in model.ema_params for t in track])
 
@@ -162,8 +171,10 @@ def main(args):
     if args.evaluate_gen:
         # as the release: the samples follow --seed (seed + rank), not the training RNG saved in the checkpoint
         torch.manual_seed(args.seed + misc.get_rank())
-        evaluate_sweep(model_without_ddp, args, start_epoch - 1, log_writer, device, inception, ref_stats,
+        evaluate_sweep(model_without_ddp, args, start_epoch - 1, run_log, device, inception, ref_stats,
                        eval_label_ids)
+        if run_log is not None:
+            run_log.close()
         return
 
     data_loader = build_train_loader(args, dataset)
@@ -192,7 +203,7 @@ def main(args):
             data_loader.sampler.set_epoch(epoch, start_index=step * args.batch_size)
             try:
                 why, step = train_one_epoch(model, model_without_ddp, data_loader, optimizer, device, epoch,
-                                            log_writer, args, start_step=step, stop_requests=stop_requests)
+                                            run_log, args, start_step=step, stop_requests=stop_requests)
             except UnreadableImage as e:  # the one-line message, without the (worker's) traceback
                 raise SystemExit(e.line) from None
             if why != "done":
@@ -203,7 +214,7 @@ def main(args):
         # views of its gradient buckets, which stay: gradient_as_bucket_view)
         optimizer.zero_grad(set_to_none=True)
         if val_loader is not None:
-            validate(model_without_ddp, val_loader, device, epoch, log_writer, args, (epoch + 1) * steps_per_epoch)
+            validate(model_without_ddp, val_loader, device, epoch, run_log, args, (epoch + 1) * steps_per_epoch)
         last_epoch = epoch + 1 == args.epochs
         if epoch % args.save_last_freq == 0 or last_epoch:
             last_written = save(epoch, steps_per_epoch)
@@ -214,11 +225,13 @@ def main(args):
             # sampling blocks before training resumes (a no-op unless CUDA is in use)
             torch.cuda.empty_cache()
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                evaluate_sweep(model_without_ddp, args, epoch, log_writer, device, inception, ref_stats,
+                evaluate_sweep(model_without_ddp, args, epoch, run_log, device, inception, ref_stats,
                                eval_label_ids)
             torch.cuda.empty_cache()
-        if log_writer is not None:
-            log_writer.flush()
+        if run_log is not None:
+            run_log.flush()
+    if run_log is not None:
+        run_log.close()
     print(f"training time {time.strftime('%H:%M:%S', time.gmtime(time.time() - start_time))}")
     if not last_written:
         raise SystemExit(f"the final checkpoint-last.pth of epoch {args.epochs - 1} could not be written "

@@ -1,6 +1,7 @@
 """The flags of main_jit.py, and the settings every tool derives from them: main_jit.py's defaults, then a
 checkpoint's saved args, then the flags given to the tool."""
 import argparse
+import importlib.util
 import os
 import shlex
 
@@ -8,6 +9,7 @@ from model_jit import ATTN_IMPLS, JiT_models
 from text_conditioning import TEXT_CONDITIONINGS
 from util.text_store import default_root
 
+WANDB_VERSION = "0.31.0"  # the version the tests run (requirements-test.txt); W&B is optional for users
 SAMPLING_METHODS = ("euler", "heun")
 # the sampler settings of a model: flags of main_jit.py, sample.py and export.py, fields of an export's config.json
 SAMPLER_FIELDS = ("sampling_method", "num_sampling_steps", "cfg", "interval_min", "interval_max")
@@ -112,8 +114,20 @@ def get_args_parser():
                              "resume) and log their mean v-loss every epoch")
     parser.add_argument("--output_dir", default="./output_dir", help="where checkpoints and logs go")
     parser.add_argument("--resume", default="", help="checkpoint folder or .pth file to resume from")
+    parser.add_argument("--finetune", default="",
+                        help="start a new run (epoch 0, fresh optimizer and schedule) from the weights of a trained "
+                             "JiT: a checkpoint .pth or its folder (official or ours) or an export.py folder; a "
+                             "checkpoint to --resume takes precedence (README: Fine-tuning)")
+    parser.add_argument("--finetune_ema", default=1, type=int, choices=[0, 1, 2],
+                        help="weights of a --finetune checkpoint: EMA track 1 or 2, or 0 for the live weights")
     parser.add_argument("--save_last_freq", default=5, type=int, help="write checkpoint-last.pth every N epochs")
     parser.add_argument("--log_freq", default=100, type=int, help="log every N iterations")
+    parser.add_argument("--wandb_project", default=None,
+                        help="also log to this Weights & Biases project (pip install wandb); TensorBoard always")
+    parser.add_argument("--wandb_entity", default=None, help="W&B team or user (default: your default entity)")
+    parser.add_argument("--wandb_name", default=None, help="W&B run name (default: W&B's)")
+    parser.add_argument("--wandb_mode", default="online", choices=["online", "offline"],
+                        help="offline: write the run under <output_dir>/wandb for `wandb sync` later")
     parser.add_argument("--device", default="cuda",
                         help="cuda, cuda:N, cpu or mps; under torchrun or srun each rank takes the GPU of its local "
                              "rank (an index given here is not used)")
@@ -196,6 +210,12 @@ def check_config(args):
             raise SystemExit(f"--fid_stats: a -Text model is measured against its own data's statistics; make them "
                              f"with python prepare_ref.py --data_path {shlex.quote(args.data_path)} --img_size "
                              f"{args.img_size} --stats_out <file>.npz, then pass --fid_stats <file>.npz")
+    if args.finetune and args.evaluate_gen:
+        raise SystemExit(f"--finetune {args.finetune}: --evaluate_gen trains nothing; evaluate a checkpoint with "
+                         f"--resume")
+    if args.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise SystemExit(f"--wandb_project {args.wandb_project}: Weights & Biases is not installed; pip install "
+                         f"wandb=={WANDB_VERSION}")
     if not 0 <= args.val_fraction < 1:
         raise SystemExit(f"--val_fraction {args.val_fraction}: must be at least 0 and below 1")
     if args.val_fraction and args.val_path:

@@ -330,14 +330,19 @@ def read_pretrained_config(folder):
     return config
 
 
-def load_pretrained(denoiser, folder, config):
-    """Fill the network strictly from <folder>/model.safetensors (key and shape checks as for checkpoints)."""
+def read_pretrained_weights(folder):
+    """The state dict of <folder>/model.safetensors; one-line errors naming the file."""
     path = os.path.join(folder, PRETRAINED_WEIGHTS)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file; an exported model folder holds {PRETRAINED_CONFIG} and "
                                 f"{PRETRAINED_WEIGHTS} (written by export.py)")
     try:
-        state = safetensors.torch.load_file(path)
+        return safetensors.torch.load_file(path)
     except (safetensors.SafetensorError, OSError) as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-    load_weights(denoiser, state, path, config["text_encoder"], os.path.join(folder, PRETRAINED_CONFIG))
+
+
+def load_pretrained(denoiser, folder, config):
+    """Fill the network strictly from <folder>/model.safetensors (key and shape checks as for checkpoints)."""
+    load_weights(denoiser, read_pretrained_weights(folder), os.path.join(folder, PRETRAINED_WEIGHTS),
+                 config["text_encoder"], os.path.join(folder, PRETRAINED_CONFIG))
