@@ -3,11 +3,14 @@
 Everything runs on the CPU with tiny configs (JiT-T/4 at 32 px or small custom JiT instances); the published
 configs are only built on the meta device.
 """
+import builtins
 import os
+import random
 import shutil
 import sys
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,6 +46,24 @@ def make_args():
         return get_args_parser().parse_args((TINY if tiny else []) + list(argv))
 
     return make
+
+
+def run_main_in_process(args, monkeypatch):
+    """main_jit.main(args) in this process, as main_jit.py's __main__ runs it (inside misc.distributed_mode), so that a
+    test can watch its objects; the process is left as it was: RNG states, builtins.print (main replaces it) and
+    glibc's malloc settings (main changes them on CPUs). Returns args (main resolves some of them)."""
+    import main_jit
+    import util.misc as misc
+
+    monkeypatch.setattr(builtins, "print", builtins.print)
+    monkeypatch.setattr(misc, "keep_freed_cpu_memory", lambda device: False)
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        with misc.distributed_mode(args):  # a single process: no group, print as main_jit.py's __main__ sets it
+            main_jit.main(args)
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
+    return args
 
 
 @torch.no_grad()

@@ -1,9 +1,7 @@
 """--finetune: a new run from the weights of a trained JiT (ours, official, or an export), with another class count,
 image size or a text condition where the model allows it; one line on what was loaded, one line on what does not
 fit."""
-import builtins
 import os
-import random
 
 import numpy as np
 import pytest
@@ -11,9 +9,7 @@ import torch
 from PIL import Image
 
 import export
-import main_jit
-import util.misc as misc
-from conftest import perturb_
+from conftest import perturb_, run_main_in_process
 from denoiser import Denoiser
 from util.args import get_args_parser
 from util.checkpoint import read_checkpoint, save_checkpoint
@@ -117,15 +113,7 @@ def image_folder(tmp_path_factory):
 
 
 def run_main(argv, monkeypatch):
-    monkeypatch.setattr(builtins, "print", builtins.print)
-    monkeypatch.setattr(misc, "keep_freed_cpu_memory", lambda device: False)
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        args = parse(*argv)
-        with misc.distributed_mode(args):
-            main_jit.main(args)
-    random.setstate(python_state)
-    np.random.set_state(numpy_state)
+    return run_main_in_process(parse(*argv), monkeypatch)
 
 
 def test_a_finetuned_run_starts_at_epoch_0_and_resumes_as_its_own(source, image_folder, tmp_path, monkeypatch,

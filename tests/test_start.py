@@ -1,9 +1,7 @@
 """What a run decides before any work: which checkpoint it continues (rank 0 decides, every rank follows or all stop
 with one line), never writing over another run's checkpoints, evaluation that follows --seed, and nodes that do not
 share a disk (simulated by one working folder per rank)."""
-import builtins
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -18,7 +16,7 @@ from PIL import Image
 
 import main_jit
 import util.misc as misc
-from conftest import perturb_
+from conftest import perturb_, run_main_in_process
 from denoiser import Denoiser
 from util import fid
 from util.checkpoint import load_checkpoint, read_checkpoint, rng_state, save_checkpoint
@@ -64,16 +62,7 @@ def write_checkpoint(folder, epoch=1, step=0, seed=0, rng_seed=None):
 
 
 def run_main(argv, monkeypatch):
-    """main_jit.main in this process, leaving print, the RNG and glibc's malloc settings as they were."""
-    monkeypatch.setattr(builtins, "print", builtins.print)
-    monkeypatch.setattr(misc, "keep_freed_cpu_memory", lambda device: False)
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        args = parse(*argv)
-        with misc.distributed_mode(args):  # a single process: no group, print as main_jit.py's __main__ sets it
-            main_jit.main(args)
-    random.setstate(python_state)
-    np.random.set_state(numpy_state)
+    return run_main_in_process(parse(*argv), monkeypatch)
 
 
 def folder_state(folder):

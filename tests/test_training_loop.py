@@ -1,10 +1,8 @@
 """What main_jit.py's training loop actually does: the learning rate that reaches AdamW at every step, the random
 horizontal flip (axis, rate, resume, periodic saves, --no_hflip), an online evaluation that leaves the training RNG
 alone, a run that reads its checkpoint and statistics files once, and gradients freed before evaluation."""
-import builtins
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -18,6 +16,7 @@ from PIL import Image
 import engine_jit
 import main_jit
 import util.misc as misc
+from conftest import run_main_in_process
 from denoiser import Denoiser
 from util import fid
 from util.checkpoint import read_checkpoint
@@ -45,18 +44,8 @@ def image_folder(tmp_path_factory):
 
 
 def run_main(argv, monkeypatch):
-    """main_jit.main in this process (so that the optimizer and the model can be watched), leaving the process as
-    it was: RNG states, builtins.print (main replaces it) and glibc's malloc settings (main changes them on CPUs)."""
-    monkeypatch.setattr(builtins, "print", builtins.print)
-    monkeypatch.setattr(misc, "keep_freed_cpu_memory", lambda device: False)
-    args = main_jit.get_args_parser().parse_args(TINY + [str(a) for a in argv])
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        with misc.distributed_mode(args):  # a single process: no group, print as main_jit.py's __main__ sets it
-            main_jit.main(args)
-    random.setstate(python_state)
-    np.random.set_state(numpy_state)
-    return args
+    """main_jit.main in this process with the tiny flags and `argv` (conftest.run_main_in_process)."""
+    return run_main_in_process(main_jit.get_args_parser().parse_args(TINY + [str(a) for a in argv]), monkeypatch)
 
 
 def test_learning_rate_reaching_the_optimizer(image_folder, tmp_path, monkeypatch):
