@@ -132,3 +132,39 @@ def test_loader_mode_measures_jpegs_and_shards(capsys):
     assert shards["images_per_cpu_s"] > 2 * jpeg["images_per_cpu_s"] > 0  # no decoding, no resizing
     assert 3 * 32 * 32 <= shards["disk_bytes_per_image"] < 3 * 32 * 32 + 20  # uint8 crops + the .npy header
     assert jpeg["disk_bytes_per_image"] > 10_000  # 500 x 375 photographs at quality 90
+
+
+def test_flop_count_is_the_same_for_both_attention_impls(make_args):
+    # the release's matmul + softmax runs on the meta device too (its autocast switch is skipped there)
+    with torch.device("meta"):
+        counts = [benchmark.model_flops(Denoiser(make_args("--attn_impl", impl)), 32) for impl in ("sdpa", "fp32")]
+    assert counts[0] == counts[1] and counts[0]["train"] > 0
+
+
+def test_compare_mode_interleaves_the_variants(capsys, monkeypatch):
+    """Several --precision / --attn_impl values: every combination from the same initial weights, the warm-up
+    steps, then one timed step of each variant per round, in the order listed."""
+    calls = []
+    step = bench.train_step
+
+    def recording(model, model_without_ddp, optimizer, x, labels, precision):
+        calls.append((precision, model.net.blocks[0].attn.attn_impl, model.net.blocks[0].attn.qkv.weight.sum().item()))
+        return step(model, model_without_ddp, optimizer, x, labels, precision)
+
+    monkeypatch.setattr(bench, "train_step", recording)
+    before = process_state()
+    rec = bench.main(["--model", "JiT-T/4", "--img_size", "16", "--class_num", "10", "--device", "cpu", "--threads",
+                      "1", "--precision", "fp32", "bf16", "--attn_impl", "sdpa", "fp32", "--batch_size", "2",
+                      "--train_warmup", "1", "--train_iters", "2", "--skip_sample", "--default_malloc"])
+    assert_same_state(before)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(rec, sort_keys=True))
+    variants = [("fp32", "sdpa"), ("fp32", "fp32"), ("bf16", "sdpa"), ("bf16", "fp32")]
+    assert rec["variants"] == [f"{p}/{a}" for p, a in variants]
+    assert [c[:2] for c in calls] == variants * 3  # warm-up, then two rounds
+    assert len({c[2] for c in calls[:4]}) == 1  # the same initial weights
+    assert rec["fp32/sdpa"]["train_step_speedup"] == 1.0
+    for name in rec["variants"]:
+        assert min(rec[name][key] for key in ("train_step_s", "train_step_cpu_s", "train_step_speedup")) > 0
+        assert "sample_batch_s" not in rec[name]
+    with pytest.raises(SystemExit, match="--precision/--attn_impl"):
+        bench.main(["--loader", "--precision", "fp32", "bf16"])
