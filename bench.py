@@ -10,12 +10,13 @@ The training step is engine_jit.train_step on one fixed random batch, with main_
 util.misc.build_optimizer; sampling is Denoiser.generate. Model FLOPs are counted by torch's FlopCounterMode on the
 meta device (util/benchmark), a sample's as Denoiser.network_evaluations forward passes, and compared with the
 device's dense-GEMM peak in the compute dtype, re-measured around every timed iteration.
-With several --precision or --attn_impl values, every combination is built from the same seed and their training
-steps (and sampling calls) alternate, one call of each per round, so that a load change on a shared machine hits them
-alike: seconds and CPU seconds per call, and each one's speed-up over the first listed.
+With several --precision, --attn_impl or --cpu_attention values, every combination is built from the same seed and
+their training steps (and sampling calls) alternate, one call of each per round, so that a load change on a shared
+machine hits them alike: seconds and CPU seconds per call, and each one's speed-up over the first listed.
 A summary is printed, then one line holding a JSON object with all the figures. Helpers: util/benchmark.py.
 """
 import argparse
+import contextlib
 import functools
 import itertools
 import json
@@ -30,6 +31,7 @@ import prepare_data
 from denoiser import Denoiser
 from engine_jit import train_step
 from main_jit import get_args_parser as main_args_parser
+import model_jit
 from model_jit import ATTN_IMPLS, JiT_models
 from util import benchmark
 from util.data import ImageSamples, train_transform
@@ -48,6 +50,10 @@ def get_parser():
                    help="autocast dtype, as main_jit.py; several: compare them in interleaved rounds")
     p.add_argument("--attn_impl", nargs="+", default=["sdpa"], choices=ATTN_IMPLS,
                    help="as main_jit.py; several: compare them in interleaved rounds")
+    p.add_argument("--cpu_attention", nargs="+", default=["matmul"], choices=["matmul", "fused"],
+                   help="attention of a CPU training step up to model_jit.CPU_MATMUL_ATTENTION_MAX_TOKENS tokens: "
+                        "matmul + softmax (the default), or torch's fused kernel at every length; several: compare "
+                        "them in interleaved rounds")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (warm-up pays the compile)")
     p.add_argument("--threads", default=None, type=int, help="torch.set_num_threads (CPU); default: torch's")
     p.add_argument("--default_malloc", action="store_true",
@@ -200,23 +206,40 @@ def profile_call(args, call, log):
     log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
 
 
+@contextlib.contextmanager
+def cpu_attention(kind):
+    """--cpu_attention for the calls inside: "matmul" leaves model_jit as it is, "fused" runs torch's fused kernel at
+    every sequence length (a CPU training step before model_jit had its matmul path)."""
+    limit = model_jit.CPU_MATMUL_ATTENTION_MAX_TOKENS
+    model_jit.CPU_MATMUL_ATTENTION_MAX_TOKENS = limit if kind == "matmul" else 0
+    try:
+        yield
+    finally:
+        model_jit.CPU_MATMUL_ATTENTION_MAX_TOKENS = limit
+
+
 def compare_benchmark(args, device, variants, log):
-    """Seconds and CPU seconds per training step and per generate() call of every (precision, attn_impl) variant,
-    in interleaved rounds; each variant's speed-up over the first: the median over rounds of the ratio of the first
-    one's time to its time in the same round."""
-    names = [f"{precision}/{attn_impl}" for precision, attn_impl in variants]
+    """Seconds and CPU seconds per training step and per generate() call of every (precision, attn_impl,
+    cpu_attention) variant, in interleaved rounds; each variant's speed-up over the first: the median over rounds of
+    the ratio of the first one's time to its time in the same round."""
+    names = [f"{precision}/{attn_impl}" + (f"/{kind}" if len(args.cpu_attention) > 1 else "")
+             for precision, attn_impl, kind in variants]
     x, labels = random_batch(args, device)
     sample_labels = (torch.arange(args.gen_bsz) % args.class_num).to(device)
     train_steps, samples = {}, {}
-    for name, (precision, attn_impl) in zip(names, variants):
+    for name, (precision, attn_impl, kind) in zip(names, variants):
         torch.manual_seed(args.seed)  # the same initial weights for every variant
         model, optimizer = build(argparse.Namespace(**{**vars(args), "attn_impl": attn_impl}), device)
-        train_steps[name] = functools.partial(train_step, model, model, optimizer, x, labels, precision)
 
-        def generate(model=model, precision=precision, steps=None):
-            with autocast(device, precision):
+        def step(model=model, optimizer=optimizer, precision=precision, kind=kind):
+            with cpu_attention(kind):
+                return train_step(model, model, optimizer, x, labels, precision)
+
+        def generate(model=model, precision=precision, kind=kind, steps=None):
+            with autocast(device, precision), cpu_attention(kind):
                 return model.generate(sample_labels, steps=steps)
 
+        train_steps[name] = step
         samples[name] = (model, generate)
     rec = {"variants": names}
     phases = [] if args.skip_train else [("train_step", args.batch_size, args.train_iters)]
@@ -354,13 +377,13 @@ def main(argv=None):
     """Runs a benchmark; leaves torch's thread count and RNG as it found them (main_jit's allocator setting stays
     applied on CPU unless --default_malloc: glibc has no way back to its dynamic defaults)."""
     args = get_parser().parse_args(argv)
-    variants = list(itertools.product(args.precision, args.attn_impl))
+    variants = list(itertools.product(args.precision, args.attn_impl, args.cpu_attention))
     if len(variants) > 1 and (args.loader or args.text_llm):
-        raise SystemExit("bench.py: several --precision/--attn_impl values compare the model benchmark only, not "
-                         "--loader or --text_llm")
+        raise SystemExit("bench.py: several --precision/--attn_impl/--cpu_attention values compare the model "
+                         "benchmark only, not --loader or --text_llm")
     compare = len(variants) > 1
     if not compare:
-        args.precision, args.attn_impl = variants[0]
+        args.precision, args.attn_impl, args.cpu_attention = variants[0]
     if args.text_llm:
         check_llm_folder(args.text_llm, flag="--text_llm")  # one line before any model is built
     log = lambda *a: print(*a, flush=True)  # noqa: E731
@@ -386,7 +409,8 @@ def main(argv=None):
             elif compare:
                 rec.update(compare_benchmark(args, device, variants, log))
             else:
-                rec.update(model_benchmark(args, device, log))
+                with cpu_attention(args.cpu_attention):
+                    rec.update(model_benchmark(args, device, log))
         finally:
             torch.set_num_threads(threads)
     line = json.dumps(rec, sort_keys=True)

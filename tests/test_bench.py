@@ -168,3 +168,24 @@ def test_compare_mode_interleaves_the_variants(capsys, monkeypatch):
         assert "sample_batch_s" not in rec[name]
     with pytest.raises(SystemExit, match="--precision/--attn_impl"):
         bench.main(["--loader", "--precision", "fp32", "bf16"])
+
+
+def test_cpu_attention_variants_time_both_kernels(capsys, monkeypatch):
+    """--cpu_attention matmul fused: the same training step with model_jit's matmul path and with torch's fused
+    kernel at every length (as before that path existed); model_jit is left as it was."""
+    import model_jit
+
+    kernels = []
+    fused = model_jit.F.scaled_dot_product_attention
+    matmul = model_jit.matmul_attention
+    monkeypatch.setattr(model_jit.F, "scaled_dot_product_attention",
+                        lambda *a, **k: kernels.append("fused") or fused(*a, **k))
+    monkeypatch.setattr(model_jit, "matmul_attention", lambda *a, **k: kernels.append("matmul") or matmul(*a, **k))
+    limit = model_jit.CPU_MATMUL_ATTENTION_MAX_TOKENS
+    rec = bench.main(["--model", "JiT-T/4", "--img_size", "16", "--class_num", "10", "--device", "cpu", "--threads",
+                      "1", "--precision", "bf16", "--cpu_attention", "matmul", "fused", "--batch_size", "2",
+                      "--train_warmup", "0", "--train_iters", "1", "--skip_sample", "--default_malloc"])
+    capsys.readouterr()
+    assert rec["variants"] == ["bf16/sdpa/matmul", "bf16/sdpa/fused"]
+    assert kernels == ["matmul"] * 6 + ["fused"] * 6  # one step of each, JiT-T/4's 6 blocks
+    assert model_jit.CPU_MATMUL_ATTENTION_MAX_TOKENS == limit
