@@ -5,15 +5,20 @@
     python bench.py --loader                          # loader images/s per worker, JPEG vs shards; cores per GPU
     python bench.py --memory --batch_size 128         # GPU memory of training each published model, computed
     python bench.py --model JiT-B/16 --text_llm <LLM folder>   # text-conditioning overhead of a training step
+    python bench.py --model JiT-T/4 --img_size 32 --precision fp32 bf16   # variants timed in interleaved rounds
 
 The training step is engine_jit.train_step on one fixed random batch, with main_jit's Denoiser and
 util.misc.build_optimizer; sampling is Denoiser.generate. Model FLOPs are counted by torch's FlopCounterMode on the
 meta device (util/benchmark), a sample's as Denoiser.network_evaluations forward passes, and compared with the
 device's dense-GEMM peak in the compute dtype, re-measured around every timed iteration.
+With several --precision, --attn_impl or --cpu_attention values, every combination is built from the same seed and
+their training steps (and sampling calls) alternate, one call of each per round, so that a load change on a shared
+machine hits them alike: seconds and CPU seconds per call, and each one's speed-up over the first listed.
 A summary is printed, then one line holding a JSON object with all the figures. Helpers: util/benchmark.py.
 """
 import argparse
 import functools
+import itertools
 import json
 import os
 import statistics
@@ -42,8 +47,14 @@ def get_parser():
     p.add_argument("--img_size", default=256, type=int)
     p.add_argument("--class_num", default=1000, type=int)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast dtype, as main_jit.py")
-    p.add_argument("--attn_impl", default="sdpa", choices=ATTN_IMPLS)
+    p.add_argument("--precision", nargs="+", default=["bf16"], choices=["bf16", "fp32"],
+                   help="autocast dtype, as main_jit.py; several: compare them in interleaved rounds")
+    p.add_argument("--attn_impl", nargs="+", default=["sdpa"], choices=ATTN_IMPLS,
+                   help="as main_jit.py; several: compare them in interleaved rounds")
+    p.add_argument("--cpu_attention", nargs="+", default=["matmul"], choices=["matmul", "fused"],
+                   help="attention of a CPU training step up to model_jit.CPU_MATMUL_ATTENTION_MAX_TOKENS tokens: "
+                        "matmul + softmax (the default), or torch's fused kernel at every length; several: compare "
+                        "them in interleaved rounds")
     p.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
                    help="torch.compile the network as main_jit.py does (default: on for CUDA); warm-up pays the "
                         "compilation")
@@ -74,7 +85,9 @@ def get_parser():
     p.add_argument("--skip_train", action="store_true")
     p.add_argument("--skip_sample", action="store_true")
     p.add_argument("--profile", default=None, choices=["train", "sample"],
-                   help="profile one extra training step or generate() call and print the top operators")
+                   help="profile one extra training step or generate() call (of each variant) and print the top "
+                        "operators")
+    p.add_argument("--profile_rows", default=30, type=int, help="operators listed by --profile")
     p.add_argument("--json_out", default=None, help="also write the JSON record to this file")
     p.add_argument("--text_llm", default=None, help="LLM folder or hub name: instead, time the -Text training step "
                                                     "on cached caption features against the class step and the LLM "
@@ -190,15 +203,80 @@ def model_benchmark(args, device, log):
                              args.gen_bsz * flops["sample"], peak, log))
         rec["sample_images_per_s"] = args.gen_bsz / rec["sample_batch_s"]
     if args.profile:
-        from torch.profiler import profile
-        with profile() as prof:
-            if args.profile == "train":
-                model.train(True)
-                train_step(model, model, optimizer, x, labels, args.precision)
-            else:
-                model.eval()
-                generate()
-        log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+        model.train(args.profile == "train")
+        profile_call(args, lambda: train_step(model, model, optimizer, x, labels, args.precision)
+                     if args.profile == "train" else generate(), log)
+    return rec
+
+
+def profile_call(args, call, log):
+    """The --profile_rows operators of call() with the most self CPU time (torch.profiler)."""
+    from torch.profiler import profile
+    with profile() as prof:
+        call()
+    log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
+
+
+def compare_benchmark(args, device, variants, log):
+    """Seconds and CPU seconds per training step and per generate() call of every (precision, attn_impl,
+    cpu_attention) variant, in interleaved rounds; each variant's speed-up over the first: the median over rounds of
+    the ratio of the first one's time to its time in the same round."""
+    names = [f"{precision}/{attn_impl}" + (f"/{kind}" if len(args.cpu_attention) > 1 else "")
+             for precision, attn_impl, kind in variants]
+    x, labels = random_batch(args, device)
+    sample_labels = (torch.arange(args.gen_bsz) % args.class_num).to(device)
+    train_steps, samples = {}, {}
+    for name, (precision, attn_impl, kind) in zip(names, variants):
+        torch.manual_seed(args.seed)  # the same initial weights for every variant
+        model, optimizer = build(argparse.Namespace(**{**vars(args), "attn_impl": attn_impl}), device)
+
+        def step(model=model, optimizer=optimizer, precision=precision, kind=kind):
+            with benchmark.cpu_attention(kind):
+                return train_step(model, model, optimizer, x, labels, precision)
+
+        def generate(model=model, precision=precision, kind=kind, steps=None):
+            with autocast(device, precision), benchmark.cpu_attention(kind):
+                return model.generate(sample_labels, steps=steps)
+
+        train_steps[name] = step
+        samples[name] = (model, generate)
+    rec = {"variants": names}
+    phases = [] if args.skip_train else [("train_step", args.batch_size, args.train_iters)]
+    phases += [] if args.skip_sample else [("sample_batch", args.gen_bsz, args.sample_iters)]
+    for phase, batch, rounds in phases:
+        training = phase == "train_step"
+        calls = {}
+        for name in names:
+            model, generate = samples[name]
+            model.train(training)
+            calls[name] = train_steps[name] if training else generate
+            if training:
+                benchmark.timed_calls(args.train_warmup, calls[name])
+            else:  # both batch shapes (B, 2B with CFG) warmed
+                benchmark.timed_calls(args.sample_warmup, lambda: generate(steps=min(2, args.sampling_steps)))
+        times, cpu = {name: [] for name in names}, {name: 0.0 for name in names}
+        for _ in range(rounds):
+            for name in names:
+                seconds, cpu_seconds, _ = benchmark.timed_calls(1, calls[name])
+                times[name] += seconds
+                cpu[name] += cpu_seconds
+        log(f"{phase} (batch {batch}), {rounds} interleaved rounds:")
+        for name in names:
+            ratios = [first / own for first, own in zip(times[names[0]], times[name])]
+            mean = statistics.mean(times[name])
+            figures = {f"{phase}_s": mean, f"{phase}_median_s": statistics.median(times[name]),
+                       f"{phase}_cpu_s": cpu[name] / rounds, f"{phase}_images_per_s": batch / mean,
+                       f"{phase}_speedup": statistics.median(ratios),
+                       f"{phase}_speedup_range": [min(ratios), max(ratios)]}
+            rec.setdefault(name, {}).update(figures)
+            log(f"  {name:10s} {figures[f'{phase}_s']:8.3f} s (median {figures[f'{phase}_median_s']:.3f}, "
+                f"{figures[f'{phase}_cpu_s']:.3f} CPU s), {figures[f'{phase}_images_per_s']:8.2f} img/s, x"
+                f"{figures[f'{phase}_speedup']:.2f} of {names[0]} (rounds {min(ratios):.2f}-{max(ratios):.2f})")
+    if args.profile:
+        for name in names:
+            log(f"{name}, one {'training step' if args.profile == 'train' else 'generate() call'}:")
+            samples[name][0].train(args.profile == "train")
+            profile_call(args, train_steps[name] if args.profile == "train" else samples[name][1], log)
     return rec
 
 
@@ -347,6 +425,13 @@ def main(argv=None):
     """Runs a benchmark; leaves torch's thread count and RNG as it found them (main_jit's allocator setting stays
     applied on CPU unless --default_malloc: glibc has no way back to its dynamic defaults)."""
     args = get_parser().parse_args(argv)
+    variants = list(itertools.product(args.precision, args.attn_impl, args.cpu_attention))
+    if len(variants) > 1 and (args.loader or args.text_llm or args.memory):
+        raise SystemExit("bench.py: several --precision/--attn_impl/--cpu_attention values compare the model "
+                         "benchmark only, not --loader, --text_llm or --memory")
+    compare = len(variants) > 1
+    if not compare:
+        args.precision, args.attn_impl, args.cpu_attention = variants[0]
     if args.text_llm:
         check_llm_folder(args.text_llm, flag="--text_llm")  # one line before any model is built
     log = lambda *a: print(*a, flush=True)  # noqa: E731
@@ -364,15 +449,19 @@ def main(argv=None):
                        device_name=benchmark.device_name(device), precision=args.precision, compile=args.compile,
                        threads=torch.get_num_threads(), torch=torch.__version__,
                        train_batch_size=args.batch_size, sample_batch_size=args.gen_bsz)
-            log(f"JiT benchmark: {args.model} @ {args.img_size} px, {rec['device_name']}, {args.precision}")
+            log(f"JiT benchmark: {args.model} @ {args.img_size} px, {rec['device_name']}, "
+                f"{' '.join(args.precision) if compare else args.precision}")
             if args.memory:
                 rec.update(memory_benchmark(args, log))
             elif args.loader:
                 rec.update(loader_benchmark(args, log))
             elif args.text_llm:
                 rec.update(text_overhead(args, device, log))
+            elif compare:
+                rec.update(compare_benchmark(args, device, variants, log))
             else:
-                rec.update(model_benchmark(args, device, log))
+                with benchmark.cpu_attention(args.cpu_attention):
+                    rec.update(model_benchmark(args, device, log))
         finally:
             torch.set_num_threads(threads)
     line = json.dumps(rec, sort_keys=True)

@@ -5,6 +5,7 @@ release exactly, so official checkpoints load without remapping. The condition i
 models pass a caption embedder instead (text_conditioning.py), optionally with text tokens (`context`) that join the
 in-context tokens.
 """
+import contextlib
 import functools
 import math
 
@@ -13,6 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ATTN_IMPLS = ("sdpa", "fp32")  # fused kernel, or the release's float32 logits + softmax (bit-faithful evaluation)
+# A CPU training step runs attention over at most this many tokens as matmul + softmax: torch's fused CPU kernel is
+# slower there, its bf16 backward above all (README, Benchmark); beyond it, and without gradients (sampling), the
+# fused kernel is as fast or faster and needs no (tokens x tokens) matrices
+CPU_MATMUL_ATTENTION_MAX_TOKENS = 256
 
 
 def modulate(x, shift, scale):
@@ -105,6 +110,18 @@ def rope_2d_tables(head_dim, grid_size, num_prefix_tokens, theta=10000.0):
     return cos, sin
 
 
+def matmul_attention(q, k, v, mask=None, dropout_p=0.0):
+    """The release's attention: logits q k^T / sqrt(head_dim) and their softmax in float32 (autocast off), dropout on
+    the probabilities, then probabilities @ v in the autocast dtype. mask as in Attention.forward."""
+    device_type = q.device.type
+    with torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) else \
+            contextlib.nullcontext():
+        logits = q.float() @ k.float().transpose(-2, -1) * (1.0 / math.sqrt(q.shape[-1]))
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+    return torch.dropout(torch.softmax(logits, dim=-1), dropout_p, train=True) @ v
+
+
 class Attention(nn.Module):
     def __init__(self, dim, num_heads, attn_drop=0.0, proj_drop=0.0, attn_impl="sdpa"):
         super().__init__()
@@ -128,16 +145,15 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         dropout_p = self.attn_drop if self.training else 0.0
         if self.attn_impl == "sdpa":
-            x = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v, attn_mask=mask, dropout_p=dropout_p)
-        elif self.attn_impl == "fp32":
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                logits = q.float() @ k.float().transpose(-2, -1) * (1.0 / math.sqrt(self.head_dim))
-                if mask is not None:
-                    logits = logits.masked_fill(~mask, float("-inf"))
-            probs = torch.dropout(torch.softmax(logits, dim=-1), dropout_p, train=True)
-            x = probs @ v  # under autocast this matmul runs in the autocast dtype, as the release's does
-        else:
+            q, k = q.to(v.dtype), k.to(v.dtype)  # a fused kernel takes one dtype: bf16 q and k under bf16 autocast
+        elif self.attn_impl != "fp32":
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
+        cpu_training = x.device.type == "cpu" and torch.is_grad_enabled() and N <= CPU_MATMUL_ATTENTION_MAX_TOKENS
+        if self.attn_impl == "fp32" or cpu_training:
+            # "sdpa" here: the fused kernels' numerics (float32 logits and softmax of the rounded q and k)
+            x = matmul_attention(q, k, v, mask, dropout_p)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
 

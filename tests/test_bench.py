@@ -155,7 +155,8 @@ def test_activation_bytes_counted_on_fake_tensors_are_those_of_a_real_forward(ma
         tracker = MemTracker()
         tracker.track_external(real_model)
         with tracker:
-            with autocast(torch.device("cpu"), "bf16"):  # its exit frees the weight casts no backward needs
+            # autocast's exit frees the weight casts no backward needs; attention in the fused kernel, as counted
+            with autocast(torch.device("cpu"), "bf16"), benchmark.cpu_attention("fused"):
                 loss = real_model(torch.zeros(batch, 3, 32, 32), torch.zeros(batch, dtype=torch.long))
             alive = tracker.get_tracker_snapshot()[torch.device("cpu")]
         del loss
@@ -186,3 +187,60 @@ def test_memory_mode_adds_up_the_training_memory_of_a_model(capsys):
 
     assert total(eager["largest_batch"]) <= 72 * 2 ** 30 < total(eager["largest_batch"] + 1)
     assert "compiled" not in row  # --compile is off by default on a CPU
+
+
+def test_flop_count_is_the_same_for_both_attention_impls(make_args):
+    # the release's matmul + softmax runs on the meta device too (its autocast switch is skipped there)
+    with torch.device("meta"):
+        counts = [benchmark.model_flops(Denoiser(make_args("--attn_impl", impl)), 32) for impl in ("sdpa", "fp32")]
+    assert counts[0] == counts[1] and counts[0]["train"] > 0
+
+
+def test_compare_mode_interleaves_the_variants(capsys, monkeypatch):
+    """Several --precision / --attn_impl values: every combination from the same initial weights, the warm-up
+    steps, then one timed step of each variant per round, in the order listed."""
+    calls = []
+    step = bench.train_step
+
+    def recording(model, model_without_ddp, optimizer, x, labels, precision):
+        calls.append((precision, model.net.blocks[0].attn.attn_impl, model.net.blocks[0].attn.qkv.weight.sum().item()))
+        return step(model, model_without_ddp, optimizer, x, labels, precision)
+
+    monkeypatch.setattr(bench, "train_step", recording)
+    before = process_state()
+    rec = bench.main(["--model", "JiT-T/4", "--img_size", "16", "--class_num", "10", "--device", "cpu", "--threads",
+                      "1", "--precision", "fp32", "bf16", "--attn_impl", "sdpa", "fp32", "--batch_size", "2",
+                      "--train_warmup", "1", "--train_iters", "2", "--skip_sample", "--default_malloc"])
+    assert_same_state(before)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(rec, sort_keys=True))
+    variants = [("fp32", "sdpa"), ("fp32", "fp32"), ("bf16", "sdpa"), ("bf16", "fp32")]
+    assert rec["variants"] == [f"{p}/{a}" for p, a in variants]
+    assert [c[:2] for c in calls] == variants * 3  # warm-up, then two rounds
+    assert len({c[2] for c in calls[:4]}) == 1  # the same initial weights
+    assert rec["fp32/sdpa"]["train_step_speedup"] == 1.0
+    for name in rec["variants"]:
+        assert min(rec[name][key] for key in ("train_step_s", "train_step_cpu_s", "train_step_speedup")) > 0
+        assert "sample_batch_s" not in rec[name]
+    with pytest.raises(SystemExit, match="--precision/--attn_impl"):
+        bench.main(["--loader", "--precision", "fp32", "bf16"])
+
+
+def test_cpu_attention_variants_time_both_kernels(capsys, monkeypatch):
+    """--cpu_attention matmul fused: the same training step with model_jit's matmul path and with torch's fused
+    kernel at every length (as before that path existed); model_jit is left as it was."""
+    import model_jit
+
+    kernels = []
+    fused = model_jit.F.scaled_dot_product_attention
+    matmul = model_jit.matmul_attention
+    monkeypatch.setattr(model_jit.F, "scaled_dot_product_attention",
+                        lambda *a, **k: kernels.append("fused") or fused(*a, **k))
+    monkeypatch.setattr(model_jit, "matmul_attention", lambda *a, **k: kernels.append("matmul") or matmul(*a, **k))
+    limit = model_jit.CPU_MATMUL_ATTENTION_MAX_TOKENS
+    rec = bench.main(["--model", "JiT-T/4", "--img_size", "16", "--class_num", "10", "--device", "cpu", "--threads",
+                      "1", "--precision", "bf16", "--cpu_attention", "matmul", "fused", "--batch_size", "2",
+                      "--train_warmup", "0", "--train_iters", "1", "--skip_sample", "--default_malloc"])
+    capsys.readouterr()
+    assert rec["variants"] == ["bf16/sdpa/matmul", "bf16/sdpa/fused"]
+    assert kernels == ["matmul"] * 6 + ["fused"] * 6  # one step of each, JiT-T/4's 6 blocks
+    assert model_jit.CPU_MATMUL_ATTENTION_MAX_TOKENS == limit

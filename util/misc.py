@@ -281,6 +281,14 @@ def all_reduce_mean(value):
     return value
 
 
+def cpu_has_native_bf16():
+    """Whether this CPU multiplies bf16 natively (x86 AVX512_BF16 or AMX-BF16, Arm BF16) with torch's oneDNN kernels.
+    Not oneDNN's own check alone: that accepts any AVX-512 CPU, where it emulates bf16 slower than fp32."""
+    capabilities = torch.cpu.get_capabilities()
+    native = any(capabilities.get(feature, False) for feature in ("avx512_bf16", "amx_bf16", "bf16"))
+    return native and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def resolve_precision(precision, device):
     """--precision auto: bf16 autocast on GPUs that compute it natively (CUDA compute capability 8.0 and up) and MPS,
     and on CPUs with native bf16 matrix units; fp32 on other CPUs and GPUs, where bf16 matmuls are emulated (measured
@@ -288,7 +296,7 @@ def resolve_precision(precision, device):
     if precision != "auto":
         return precision
     if device.type == "cpu":
-        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
     if device.type == "cuda":
         with torch.cuda.device(device):
             if torch.cuda.is_bf16_supported(including_emulation=False):
