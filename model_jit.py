@@ -16,7 +16,7 @@ import torch.nn.functional as F
 ATTN_IMPLS = ("sdpa", "fp32")  # fused kernel, or the release's float32 logits + softmax (bit-faithful evaluation)
 # A CPU training step runs attention over at most this many tokens as matmul + softmax: torch's fused CPU kernel is
 # slower there, its bf16 backward above all (README, Benchmark); beyond it, and without gradients (sampling), the
-# fused kernel is as fast or faster and needs no (tokens x tokens) matrices
+# fused kernel stays, which holds no (tokens x tokens) matrices
 CPU_MATMUL_ATTENTION_MAX_TOKENS = 256
 
 
