@@ -421,17 +421,25 @@ def memory_benchmark(args, log):
     return rec
 
 
+def parse_args(argv=None):
+    """The flags, with args.variants: every (precision, attn_impl, cpu_attention) combination given. With one, the
+    three flags hold its values instead of lists."""
+    args = get_parser().parse_args(argv)
+    args.variants = list(itertools.product(args.precision, args.attn_impl, args.cpu_attention))
+    if len(args.variants) > 1 and (args.loader or args.text_llm or args.memory):
+        raise SystemExit("bench.py: several --precision/--attn_impl/--cpu_attention values compare the model "
+                         "benchmark only, not --loader, --text_llm or --memory")
+    if len(args.variants) == 1:
+        args.precision, args.attn_impl, args.cpu_attention = args.variants[0]
+    return args
+
+
 def main(argv=None):
     """Runs a benchmark; leaves torch's thread count and RNG as it found them (main_jit's allocator setting stays
     applied on CPU unless --default_malloc: glibc has no way back to its dynamic defaults)."""
-    args = get_parser().parse_args(argv)
-    variants = list(itertools.product(args.precision, args.attn_impl, args.cpu_attention))
-    if len(variants) > 1 and (args.loader or args.text_llm or args.memory):
-        raise SystemExit("bench.py: several --precision/--attn_impl/--cpu_attention values compare the model "
-                         "benchmark only, not --loader, --text_llm or --memory")
+    args = parse_args(argv)
+    variants = args.variants
     compare = len(variants) > 1
-    if not compare:
-        args.precision, args.attn_impl, args.cpu_attention = variants[0]
     if args.text_llm:
         check_llm_folder(args.text_llm, flag="--text_llm")  # one line before any model is built
     log = lambda *a: print(*a, flush=True)  # noqa: E731

@@ -137,6 +137,6 @@ def test_bench_compiles_what_main_compiles(graphs, monkeypatch):
     """bench.py --compile times the network main_jit.py trains: the same blocks and final layer compiled."""
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda module, **kwargs: compiled.append(type(module).__name__))
-    args = bench.get_parser().parse_args(["--model", "JiT-T/4", "--img_size", "32", "--class_num", "10", "--compile"])
+    args = bench.parse_args(["--model", "JiT-T/4", "--img_size", "32", "--class_num", "10", "--compile"])
     bench.build(args, torch.device("cpu"))
     assert compiled == ["JiTBlock"] * 6 + ["FinalLayer"]
