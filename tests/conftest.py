@@ -13,6 +13,7 @@ import tempfile
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 # no test may reach for the network: Inception falls back to the packaged offline network, hubs are off
 os.environ["JIT_OFFLINE"] = "1"
@@ -87,6 +88,19 @@ TINY_LLM_CORPUS = [
     "a photo of a dog", "a photo of a cat", "a red apple on a wooden table", "the blue sky with white clouds",
     "金魚が水槽で泳いでいる", "一匹の黒い猫が窓辺で眠っている", "a goldfish swimming in a bowl",
 ]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """<root>/train/{a,b}/*.png: 8 random images per class, 34-41 x 38 px (not square: the crop runs), b brighter."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(1)
+    for c in ("a", "b"):
+        os.makedirs(root / "train" / c)
+        for i in range(8):
+            pixels = rng.integers(0, 200, (34 + i, 38, 3)) + (50 if c == "b" else 0)
+            Image.fromarray(pixels.astype(np.uint8)).save(root / "train" / c / f"{i}.png")
+    return root
 
 
 @pytest.fixture(scope="session")

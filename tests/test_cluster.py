@@ -12,11 +12,9 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from PIL import Image
 
 import util.misc as misc
 from util.datasets import loader_workers
@@ -128,18 +126,6 @@ def test_an_unreadable_node_list_names_its_variable(clean_launch_env, make_args)
 
 
 # ------------------------------------------------------------------ two srun tasks on gloo: train, save, resume
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(2)
-    for c in ("a", "b"):
-        os.makedirs(root / "train" / c)
-        for i in range(8):
-            pixels = rng.integers(0, 200, (34 + i, 36, 3)) + (50 if c == "b" else 0)
-            Image.fromarray(pixels.astype(np.uint8)).save(root / "train" / c / f"{i}.png")
-    return root
-
 
 def job_id_with_a_free_port():
     """A SLURM_JOB_ID whose derived master port is free here (tests may run side by side)."""

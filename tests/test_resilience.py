@@ -27,18 +27,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "JiT-T/4", "--img_size", "32", "--class_num", "2", "--device", "cpu", "--precision", "fp32"]
 
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(1)
-    for c in ("a", "b"):
-        os.makedirs(root / "train" / c)
-        for i in range(8):
-            pixels = rng.integers(0, 200, (34 + i, 38, 3)) + (50 if c == "b" else 0)
-            Image.fromarray(pixels.astype(np.uint8)).save(root / "train" / c / f"{i}.png")
-    return root
-
-
 def train_cmd(data, out, *extra):
     return [sys.executable, "main_jit.py", *TINY, "--data_path", str(data), "--output_dir", str(out),
             "--batch_size", "4", "--num_workers", "0", "--epochs", "3", "--warmup_epochs", "1", "--blr", "1e-2",
