@@ -459,17 +459,19 @@ def main(argv=None):
                        train_batch_size=args.batch_size, sample_batch_size=args.gen_bsz)
             log(f"JiT benchmark: {args.model} @ {args.img_size} px, {rec['device_name']}, "
                 f"{' '.join(args.precision) if compare else args.precision}")
-            if args.memory:
-                rec.update(memory_benchmark(args, log))
-            elif args.loader:
-                rec.update(loader_benchmark(args, log))
-            elif args.text_llm:
-                rec.update(text_overhead(args, device, log))
-            elif compare:
+            if compare:
                 rec.update(compare_benchmark(args, device, variants, log))
             else:
+                rec.update(attn_impl=args.attn_impl, cpu_attention=args.cpu_attention)
                 with benchmark.cpu_attention(args.cpu_attention):
-                    rec.update(model_benchmark(args, device, log))
+                    if args.memory:
+                        rec.update(memory_benchmark(args, log))
+                    elif args.loader:
+                        rec.update(loader_benchmark(args, log))
+                    elif args.text_llm:
+                        rec.update(text_overhead(args, device, log))
+                    else:
+                        rec.update(model_benchmark(args, device, log))
         finally:
             torch.set_num_threads(threads)
     line = json.dumps(rec, sort_keys=True)

@@ -119,7 +119,8 @@ def matmul_attention(q, k, v, mask=None, dropout_p=0.0):
         logits = q.float() @ k.float().transpose(-2, -1) * (1.0 / math.sqrt(q.shape[-1]))
         if mask is not None:
             logits = logits.masked_fill(~mask, float("-inf"))
-    return torch.dropout(torch.softmax(logits, dim=-1), dropout_p, train=True) @ v
+    # probabilities in v's dtype: what autocast would round them to, and bf16 v without autocast works too
+    return torch.dropout(torch.softmax(logits, dim=-1), dropout_p, train=True).to(v.dtype) @ v
 
 
 class Attention(nn.Module):

@@ -227,7 +227,7 @@ def test_compare_mode_interleaves_the_variants(capsys, monkeypatch):
 
 def test_cpu_attention_variants_time_both_kernels(capsys, monkeypatch):
     """--cpu_attention matmul fused: the same training step with model_jit's matmul path and with torch's fused
-    kernel at every length (as before that path existed); model_jit is left as it was."""
+    kernel at every length (as on a GPU); model_jit is left as it was."""
     import model_jit
 
     kernels = []

@@ -1,5 +1,5 @@
-"""The CPU's fast paths change kernels, never results: attention as matmul + softmax in CPU training (the same
-numerics as the fused kernel for --attn_impl sdpa, the release's code for fp32) and --precision auto's choice from the
+"""The CPU's fast paths change kernels, not the computation: attention as matmul + softmax in CPU training (the fused
+kernel's inputs and float32 logits for --attn_impl sdpa, up to summation order; the release's code for fp32) and --precision auto's choice from the
 CPU's features (bf16 only where the CPU multiplies bf16 natively)."""
 import math
 
@@ -81,7 +81,7 @@ def attention_io(attn_impl, seed=0):
 
 
 def test_sdpa_keeps_its_numerics_on_the_cpu_matmul_path(monkeypatch):
-    """--attn_impl sdpa feeds bf16 q and k to the attention (README, Models: what item 7's FID table compares):
+    """--attn_impl sdpa feeds bf16 q and k to the attention (README, Models: what the attention FID table compares):
     computed as matmul + softmax in CPU training, the logits are float32 products of the bf16-rounded q and k, as
     in the fused kernels; fp32 keeps the float32 q and k of the release."""
     captured = {}
@@ -106,7 +106,7 @@ def test_sdpa_keeps_its_numerics_on_the_cpu_matmul_path(monkeypatch):
 
     monkeypatch.setattr(model_jit, "CPU_MATMUL_ATTENTION_MAX_TOKENS", 0)
     fused_heads, fused_grad, _ = attention_io("sdpa")  # torch's fused CPU kernel, same inputs
-    # one bf16 step (2^-8 relative) apart at most: the kernels sum in another order
+    # two bf16 steps (2^-7 relative) apart at most: the kernels sum in another order
     assert (heads.float() - fused_heads.float()).abs().max() <= 2 ** -7 * heads.float().abs().max()
     assert (grad - fused_grad).norm() < 1e-2 * fused_grad.norm()
 
@@ -167,3 +167,12 @@ def test_auto_precision_on_each_cpu_kind(monkeypatch, kind, onednn_bf16, expecte
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn_bf16)
     assert misc.resolve_precision("auto", CPU) == expected
     assert misc.resolve_precision("fp32", CPU) == "fp32" and misc.resolve_precision("bf16", CPU) == "bf16"
+
+
+def test_matmul_attention_takes_bf16_without_autocast():
+    # a model cast to bf16 (no autocast) trains on a CPU too: probabilities meet v in its dtype
+    q, k, v = (torch.randn(1, 2, 8, 16, generator=torch.Generator().manual_seed(i)).bfloat16() for i in range(3))
+    out = model_jit.matmul_attention(q, k, v)
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 2, 8, 16)
+    expected = torch.softmax(q.float() @ k.float().transpose(-2, -1) / 4, dim=-1).bfloat16().float() @ v.float()
+    assert torch.allclose(out.float(), expected, atol=2e-2)
