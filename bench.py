@@ -30,6 +30,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from denoiser import Denoiser
 from engine_jit import train_step
+import model_jit
 from model_jit import ATTN_IMPLS, JiT_models
 from util import benchmark
 from util.args import SAMPLING_METHODS, training_args
@@ -231,11 +232,11 @@ def compare_benchmark(args, device, variants, log):
         model, optimizer = build(argparse.Namespace(**{**vars(args), "attn_impl": attn_impl}), device)
 
         def step(model=model, optimizer=optimizer, precision=precision, kind=kind):
-            with benchmark.cpu_attention(kind):
+            with model_jit.cpu_attention(kind):
                 return train_step(model, model, optimizer, x, labels, precision)
 
         def generate(model=model, precision=precision, kind=kind, steps=None):
-            with autocast(device, precision), benchmark.cpu_attention(kind):
+            with autocast(device, precision), model_jit.cpu_attention(kind):
                 return model.generate(sample_labels, steps=steps)
 
         train_steps[name] = step
@@ -463,7 +464,7 @@ def main(argv=None):
                 rec.update(compare_benchmark(args, device, variants, log))
             else:
                 rec.update(attn_impl=args.attn_impl, cpu_attention=args.cpu_attention)
-                with benchmark.cpu_attention(args.cpu_attention):
+                with model_jit.cpu_attention(args.cpu_attention):
                     if args.memory:
                         rec.update(memory_benchmark(args, log))
                     elif args.loader:

@@ -36,7 +36,7 @@ from util import fid
 from util.checkpoint import continue_point, read_checkpoint
 from util.digits import materialise_digits
 from util.llm import check_llm_folder
-from util.stages import fmt_time, read_scalars, shown
+from util.stages import fmt_time, read_scalars, shown, tool_env
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
@@ -159,11 +159,7 @@ class Checker:
         self.device, self.out, self.llm = device, out, llm
         self.sizes = SIZES[device]
         self.gpus = torch.cuda.device_count() if device == "cuda" else 0  # counted without a CUDA context here
-        # without SLURM's variables: in an sbatch script (SLURM_PROCID 0, SLURM_NTASKS of the job) a single-process
-        # command would take itself for one of the job's srun tasks and wait for the others
-        self.env = {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
-        self.env.update(JIT_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                        PYTHONUNBUFFERED="1")  # nothing downloads; output arrives as it is printed
+        self.env = tool_env()  # offline, unbuffered, without SLURM's variables
         self.rows = []
 
     def path(self, *parts):

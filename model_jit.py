@@ -110,6 +110,19 @@ def rope_2d_tables(head_dim, grid_size, num_prefix_tokens, theta=10000.0):
     return cos, sin
 
 
+@contextlib.contextmanager
+def cpu_attention(kind):
+    """Attention of the CPU training steps inside (bench.py --cpu_attention, and activation memory as a GPU keeps
+    it): "matmul" as set above, "fused" torch's fused kernel at every length, as on a GPU."""
+    global CPU_MATMUL_ATTENTION_MAX_TOKENS
+    limit = CPU_MATMUL_ATTENTION_MAX_TOKENS
+    CPU_MATMUL_ATTENTION_MAX_TOKENS = limit if kind == "matmul" else 0
+    try:
+        yield
+    finally:
+        CPU_MATMUL_ATTENTION_MAX_TOKENS = limit
+
+
 def matmul_attention(q, k, v, mask=None, dropout_p=0.0):
     """The release's attention: logits q k^T / sqrt(head_dim) and their softmax in float32 (autocast off), dropout on
     the probabilities, then probabilities @ v in the autocast dtype. mask as in Attention.forward."""

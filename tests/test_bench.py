@@ -8,6 +8,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import model_jit
 from denoiser import Denoiser
 from util import benchmark
 from util.misc import autocast
@@ -156,7 +157,7 @@ def test_activation_bytes_counted_on_fake_tensors_are_those_of_a_real_forward(ma
         tracker.track_external(real_model)
         with tracker:
             # autocast's exit frees the weight casts no backward needs; attention in the fused kernel, as counted
-            with autocast(torch.device("cpu"), "bf16"), benchmark.cpu_attention("fused"):
+            with autocast(torch.device("cpu"), "bf16"), model_jit.cpu_attention("fused"):
                 loss = real_model(torch.zeros(batch, 3, 32, 32), torch.zeros(batch, dtype=torch.long))
             alive = tracker.get_tracker_snapshot()[torch.device("cpu")]
         del loss
@@ -228,8 +229,6 @@ def test_compare_mode_interleaves_the_variants(capsys, monkeypatch):
 def test_cpu_attention_variants_time_both_kernels(capsys, monkeypatch):
     """--cpu_attention matmul fused: the same training step with model_jit's matmul path and with torch's fused
     kernel at every length (as on a GPU); model_jit is left as it was."""
-    import model_jit
-
     kernels = []
     fused = model_jit.F.scaled_dot_product_attention
     matmul = model_jit.matmul_attention

@@ -189,3 +189,17 @@ def test_full_demo_rerun_says_it_resumed(make_args, tmp_path):
     save_checkpoint(path, model, torch.optim.AdamW(model.parameters()), 5, args, {"epoch": 6, "step": 0, "rng": []})
     assert demo.resume_note(demo.checkpoint_epochs(path), 16, "demo_output/train").startswith(
         "note: resumed demo_output/train at epoch 6")
+
+
+def test_demo_stages_run_offline_and_outside_slurm(tmp_path, monkeypatch):
+    """The demos' commands get stages.tool_env, as gpu_check's: inside an sbatch script a stage's main_jit.py must not
+    take itself for one of the job's srun tasks."""
+    import argparse
+
+    from util import stages
+
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    _, _, env = stages.start(argparse.Namespace(device="cpu", precision="fp32"), str(tmp_path / "out"))
+    assert not [name for name in env if name.startswith("SLURM_")]
+    assert env["JIT_OFFLINE"] == env["HF_HUB_OFFLINE"] == "1"

@@ -1,5 +1,4 @@
 """Measurement helpers of bench.py: dense-GEMM peak, timed calls, model FLOPs, peak memory and loader throughput."""
-import contextlib
 import os
 import platform
 import re
@@ -61,19 +60,6 @@ def model_flops(model, img_size, batch_size=2):
     return {"forward": forward, "train": train, "sample": forward * model.network_evaluations()}
 
 
-@contextlib.contextmanager
-def cpu_attention(kind):
-    """bench.py --cpu_attention for the calls inside: "matmul" leaves model_jit as it is (a CPU training step runs
-    attention over short sequences as matmul + softmax), "fused" runs torch's fused kernel at every length, as a GPU
-    does."""
-    limit = model_jit.CPU_MATMUL_ATTENTION_MAX_TOKENS
-    model_jit.CPU_MATMUL_ATTENTION_MAX_TOKENS = limit if kind == "matmul" else 0
-    try:
-        yield
-    finally:
-        model_jit.CPU_MATMUL_ATTENTION_MAX_TOKENS = limit
-
-
 # ---------------------------------------------------------------------------------------------------------- memory
 def saved_for_backward_bytes(model, batch_size, img_size, precision):
     """Bytes of the tensors a Denoiser's training forward on the CPU (bf16 autocast or fp32, as --precision) keeps
@@ -91,7 +77,7 @@ def saved_for_backward_bytes(model, batch_size, img_size, precision):
     x = torch.zeros(batch_size, 3, img_size, img_size)
     labels = torch.zeros(batch_size, dtype=torch.long)
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), autocast(x.device, precision), \
-            cpu_attention("fused"):
+            model_jit.cpu_attention("fused"):
         model(x, labels)
     return sum(storage.nbytes() for storage in saved.values())
 

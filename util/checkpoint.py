@@ -46,13 +46,19 @@ def caption_llm_of(denoiser):
     return getattr(denoiser.net.y_embedder, "caption_llm", None)
 
 
+def same_caption_llm(fingerprint, other):
+    """Whether two CaptionLLM fingerprints embed captions alike: the same LLM weights, tokenizer and max_text_len;
+    the hub name or folder (the first field) is not compared, so a local copy of the same LLM counts as the same."""
+    return fingerprint.split("|")[1:] == other.split("|")[1:]
+
+
 def check_caption_llm(denoiser, saved_fingerprint, path):
     """Weights trained with another LLM, tokenizer or max_text_len (CaptionLLM.fingerprint, saved beside them) do not
-    load; the hub name or folder is not compared, so a local copy of the same LLM loads."""
+    load (same_caption_llm)."""
     caption_llm = caption_llm_of(denoiser)
     if caption_llm is None or saved_fingerprint is None:
         return
-    if saved_fingerprint.split("|")[1:] != caption_llm.fingerprint().split("|")[1:]:
+    if not same_caption_llm(saved_fingerprint, caption_llm.fingerprint()):
         raise ValueError(f"{path}: trained with the caption LLM {saved_fingerprint}, but this model uses "
                          f"{caption_llm.fingerprint()} (--llm_model_name / --max_text_len)")
 

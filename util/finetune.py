@@ -4,8 +4,8 @@ import torch
 
 import util.misc as misc
 from util.args import is_text_model, training_args
-from util.checkpoint import (caption_llm_of, read_model_source, read_pretrained_weights, weight_set_entry,
-                             weights_description)
+from util.checkpoint import (caption_llm_of, read_model_source, read_pretrained_weights, same_caption_llm,
+                             weight_set_entry, weights_description)
 
 CONDITION = "net.y_embedder."  # the class table, or the text projection and null condition of -Text models
 POSITIONS = "net.pos_embed"  # the fixed sin-cos table of the patch grid: a function of the image size, not trained
@@ -74,8 +74,7 @@ def finetune(args, denoiser):
             name, weights, state, fingerprint, text = source_weights(args)
             mine = caption_llm_of(denoiser)
             same_condition = text == is_text_model(args) and (mine is None or fingerprint is None or
-                                                               fingerprint.split("|")[1:] ==
-                                                               mine.fingerprint().split("|")[1:])
+                                                               same_caption_llm(fingerprint, mine.fingerprint()))
             if not same_condition:  # class <-> text, or captions embedded by another LLM: the condition starts anew
                 state = {key: value for key, value in state.items() if not key.startswith(CONDITION)}
             state, loaded, kept = fit_weights(denoiser.state_dict(), state, name)

@@ -2,6 +2,7 @@
 import builtins
 import ctypes
 import datetime
+import json
 import logging
 import os
 import random
@@ -392,6 +393,12 @@ def atomic_write(path, sync_folder=False):
             _fsync(os.path.dirname(os.path.abspath(path)))
         except OSError:
             pass
+
+
+def write_json(path, value):
+    """`value` as JSON (UTF-8, non-ASCII kept) at `path`, written atomically (atomic_write)."""
+    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, ensure_ascii=False)
 
 
 # Redirected output (SLURM, `> log`): one progress line a minute at most, not a redraw per sampling step.

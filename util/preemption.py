@@ -48,13 +48,13 @@ def stop_loader_workers():
 class StopRequests:
     """Agreement of every rank on when to save and stop, polled once per training step.
 
-    Ranks exchange their flags with an asynchronous all_reduce on the main process group (no side group: a gloo group
-    binds to whatever the host name resolves to, often 127.0.1.1 or a management interface on a cluster, where
-    creating it blocks for 30 minutes). The exchange started at one step is read at the next, so every rank acts on
-    the same step. Under NCCL the flags live on the GPU: work.wait() makes the current stream, not the host, wait for
-    the exchange, and the result comes back to pinned host memory behind a CUDA event, so the host runs at most one
-    step ahead of the GPU and never waits for the step in flight. Under gloo the same calls run on CPU tensors (there
-    work.wait() returns when the exchange is done: every rank has just left the step's gradient all-reduce).
+    Ranks exchange their flags with an all_reduce on the main process group (no side group: a gloo group binds to
+    whatever the host name resolves to, often 127.0.1.1 or a management interface on a cluster, where creating it
+    blocks for 30 minutes). The exchange started at one step is read at the next, so every rank acts on the same
+    step. Under NCCL the flags live on the GPU: the all_reduce is queued on the current stream, not waited for by
+    the host, and the result comes back to pinned host memory behind a CUDA event, so the host runs at most one step
+    ahead of the GPU and never waits for the step in flight. Under gloo the same calls run on CPU tensors (the
+    all_reduce returns when the exchange is done: every rank has just left the step's gradient all-reduce).
     """
 
     def __init__(self, save_every_minutes):
@@ -68,8 +68,15 @@ class StopRequests:
         self.last_save = time.time()
         self.distributed = misc.is_dist_avail_and_initialized()
         on_gpu = self.distributed and dist.get_backend() == "nccl"
-        self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-        self.pending = None  # (host flags, CUDA event or None) of the exchange started at the previous step
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        # the exchange's buffers, made once: every step reuses them (poll reads the previous result before the next
+        # exchange overwrites it). Pinned + non_blocking: a copy from pageable memory would wait for every kernel
+        # queued on the stream
+        self.send = torch.zeros(2, dtype=torch.int32, pin_memory=on_gpu)
+        self.flags = torch.zeros(2, dtype=torch.int32, device=device)
+        self.received = torch.zeros(2, dtype=torch.int32, pin_memory=on_gpu)
+        self.copied = torch.cuda.Event() if on_gpu else None  # recorded after the copy into self.received
+        self.pending = False  # whether an exchange started at the previous step awaits reading
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
 
@@ -88,20 +95,15 @@ class StopRequests:
 
     def _start_exchange(self):
         """All-reduce (max) of every rank's flags, its result copied into host memory once it is there."""
-        import torch
         import torch.distributed as dist
 
-        on_gpu = self.device.type == "cuda"
-        # pinned + non_blocking: a copy from pageable memory would wait for every kernel queued on the stream
-        flags = torch.tensor(self._local_flags(), dtype=torch.int32, pin_memory=on_gpu)
-        flags = flags.to(self.device, non_blocking=True)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True).wait()
-        host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=on_gpu).copy_(flags, non_blocking=True)
-        copied = None
-        if on_gpu:
-            copied = torch.cuda.Event()
-            copied.record()
-        self.pending = (host, copied)
+        self.send[0], self.send[1] = self._local_flags()
+        self.flags.copy_(self.send, non_blocking=True)
+        dist.all_reduce(self.flags, op=dist.ReduceOp.MAX)  # NCCL: the stream waits, not the host
+        self.received.copy_(self.flags, non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+        self.pending = True
 
     def poll(self):
         """(preempt, periodic_save), the same on every rank."""
@@ -109,16 +111,15 @@ class StopRequests:
             preempt, periodic = self._local_flags()
             return bool(preempt), bool(periodic)
         decision = (False, False)
-        if self.pending is not None:
-            host, copied = self.pending
-            if copied is not None:
-                copied.synchronize()  # the previous step's exchange: long done unless the GPU is a step behind
-            decision = (bool(host[0]), bool(host[1]))
+        if self.pending:
+            if self.copied is not None:
+                self.copied.synchronize()  # the previous step's exchange: long done unless the GPU is a step behind
+            decision = (bool(self.received[0]), bool(self.received[1]))
             if decision[0] and self.signal_received is None:  # named in this rank's exit line
                 self.signal_received = "a stop signal to another rank"
             if decision[1]:  # the caller saves at this step: the exchange started below must not ask for it again
                 self.last_save = time.time()
-        self.pending = None
+        self.pending = False
         if not decision[0]:
             self._start_exchange()
         return decision

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from util.data import load_rgb, train_transform, unreadable_message
-from util.misc import atomic_write, progress_bar
+from util.misc import atomic_write, progress_bar, write_json
 
 INDEX_NAME = "jit_shards.json"
 JOB_NAME = "jit_shards.partial.json"
@@ -40,7 +40,7 @@ class ShardDataset(Dataset):
     def __init__(self, root, img_size=None):
         """img_size: the crop side the caller needs; the folder holding another is an error (the one check of it)."""
         try:
-            with open(os.path.join(root, INDEX_NAME)) as f:
+            with open(os.path.join(root, INDEX_NAME), encoding="utf-8") as f:
                 index = json.load(f)
             self.labels = np.load(os.path.join(root, "labels.npy"))
         except (OSError, ValueError) as e:
@@ -87,11 +87,6 @@ class Crops(Dataset):
             return index, None, unreadable_message(path, e)
 
 
-def write_json(path, value):
-    with atomic_write(path) as tmp, open(tmp, "w") as f:
-        json.dump(value, f)
-
-
 def write_shard(out, index, crops, img_size, on_bad, num_workers, bar):
     """Decode, crop and write one shard: <name>.npy, then <name>.json (its presence marks the shard complete)."""
     name = shard_name(index)
@@ -133,7 +128,7 @@ def write_shards(folder, data_path, out, img_size, shard_size=2048, on_bad="erro
            "num_samples": len(samples), "classes": folder.classes}
     job_file = os.path.join(out, JOB_NAME)
     if os.path.isfile(job_file):
-        with open(job_file) as f:
+        with open(job_file, encoding="utf-8") as f:
             previous = json.load(f)
         if previous != job:
             changed = [key for key in job if previous.get(key) != job[key]]
@@ -154,7 +149,7 @@ def write_shards(folder, data_path, out, img_size, shard_size=2048, on_bad="erro
 
     shards, labels, skipped = [], [], []
     for i in range(num_shards):
-        with open(os.path.join(out, f"{shard_name(i)}.json")) as f:
+        with open(os.path.join(out, f"{shard_name(i)}.json"), encoding="utf-8") as f:
             meta = json.load(f)
         shards.append({"file": f"{shard_name(i)}.npy", "count": meta["count"]})
         labels += meta["labels"]

@@ -54,6 +54,16 @@ def read_scalars(log_dir, tag="train_loss"):
     return sorted(values.items())
 
 
+def tool_env():
+    """The environment of a tool run by a demo or gpu_check.py: nothing downloads, output arrives as it is printed,
+    and no SLURM variables: in an sbatch script (SLURM_PROCID 0, SLURM_NTASKS of the job) a single-process command
+    would take itself for one of the job's srun tasks and wait for the others."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
+    env.update(JIT_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PYTHONUNBUFFERED="1")
+    return env
+
+
 def start(args, out):
     """Device, autocast precision and the environment of the stage commands (offline, unbuffered); makes out.
     torch is imported here, after argument parsing, so that --help stays fast."""
@@ -65,7 +75,7 @@ def start(args, out):
     precision = misc.resolve_precision(args.precision, torch.device(device.split(":")[0]))
     print(f"device {device}, precision {precision}, output folder {out}")
     os.makedirs(out, exist_ok=True)
-    env = dict(os.environ, JIT_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env = tool_env()
     if sys.stdout.isatty():  # the stages write into our pipe; their progress bars should still redraw live
         env["JIT_PROGRESS"] = "live"
     return device, precision, env

@@ -60,11 +60,6 @@ def store_folder(llm, root, device="cpu"):
     return os.path.join(root, f"{name}-{llm.conditioning}-len{llm.max_text_len}-{digest}")
 
 
-def _write_json(path, data):
-    with misc.atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, ensure_ascii=False)
-
-
 class CaptionStore:
     """One store folder (see the module docstring). Opening it checks that it holds the features of `llm` (a
     CaptionLLM) computed on `device`."""
@@ -77,7 +72,7 @@ class CaptionStore:
         meta_path = os.path.join(self.folder, "store.json")
         os.makedirs(self.folder, exist_ok=True)
         if not os.path.isfile(meta_path):
-            _write_json(meta_path, self.meta)
+            misc.write_json(meta_path, self.meta)
         with open(meta_path, encoding="utf-8") as f:
             theirs = json.load(f)
         if theirs != self.meta:
@@ -130,7 +125,7 @@ class CaptionStore:
         """index.json of every shard now in the folder (rank 0, after the others wrote their shards)."""
         self.refresh()
         shards = [{"file": name, "captions": captions} for name, captions in zip(self._shards, self._shard_captions_list)]
-        _write_json(os.path.join(self.folder, "index.json"), {**self.meta, "shards": shards})
+        misc.write_json(os.path.join(self.folder, "index.json"), {**self.meta, "shards": shards})
 
     def __len__(self):
         return len(self._where)
